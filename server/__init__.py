@@ -1,0 +1,30 @@
+"""pagedserve: an OpenAI-compatible LLM inference server with a paged KV cache."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from server.engine.llm import LLM
+    from server.engine.outputs import CompletionOutput, RequestOutput
+    from server.engine.sampling_params import SamplingParams
+
+_LAZY = {
+    "LLM": "server.engine.llm",
+    "SamplingParams": "server.engine.sampling_params",
+    "RequestOutput": "server.engine.outputs",
+    "CompletionOutput": "server.engine.outputs",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'server' has no attribute {name!r}")
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]

@@ -1,0 +1,87 @@
+"""Frozen, validated configuration, built once at start-up and never mutated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.assets import BUNDLED_MODEL_DIR
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = str(BUNDLED_MODEL_DIR)
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    # None: the model's own context length (config.json's max_position_embeddings).
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.device not in _DEVICES:
+            raise ValueError(f"device must be one of {', '.join(_DEVICES)}, got {self.device!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # Bytes of K/V cache across all layers. None: 1 GiB on CPU.
+    kv_cache_memory: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    # Largest prefill chunk one request may take in a step (0: no cap beyond the budget).
+    long_prefill_token_threshold: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be >= 0")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs: object) -> EngineConfig:
+        """Build from flat keyword arguments (the offline `LLM` and the CLI share these names)."""
+        groups: dict[type, dict[str, object]] = {ModelConfig: {}, CacheConfig: {},
+                                                 SchedulerConfig: {}}
+        fields = {c: set(c.__dataclass_fields__) for c in groups}
+        for key, value in kwargs.items():
+            owner = next((c for c in groups if key in fields[c]), None)
+            if owner is None:
+                known = sorted(set().union(*fields.values()) - {"model"})
+                raise TypeError(f"unknown engine argument {key!r}; known: {', '.join(known)}")
+            groups[owner][key] = value
+        if model is not None:
+            groups[ModelConfig]["model"] = str(model)
+        return cls(
+            model=ModelConfig(**groups[ModelConfig]),  # type: ignore[arg-type]
+            cache=CacheConfig(**groups[CacheConfig]),  # type: ignore[arg-type]
+            scheduler=SchedulerConfig(**groups[SchedulerConfig]),  # type: ignore[arg-type]
+        )

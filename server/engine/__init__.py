@@ -1,0 +1,1 @@
+"""The engine core, the request model and the offline `LLM` front door."""

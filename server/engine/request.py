@@ -1,0 +1,84 @@
+"""A request as the scheduler and KV-cache manager see it: token ids and progress counters."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Sequence
+
+from server.engine.sampling_params import SamplingParams
+from server.kv_cache.block_hash import BlockHash, extend_block_hashes
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+class Request:
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "eos_token_ids",
+                 "all_token_ids", "num_computed_tokens", "num_cached_tokens", "status",
+                 "block_hashes", "block_size", "arrival_time", "num_preemptions",
+                 "max_tokens", "stop_reason")
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: Sequence[int] = (),
+        block_size: int = 16,
+        max_tokens: int | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt must contain at least one token")
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.all_token_ids = list(self.prompt_token_ids)
+        # Effective cap on output tokens, already clipped to max_model_len by the engine.
+        self.max_tokens = max_tokens if max_tokens is not None else sampling_params.max_tokens
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # set once, when first scheduled
+        self.status = RequestStatus.WAITING
+        self.block_size = block_size
+        self.block_hashes: list[BlockHash] = []
+        extend_block_hashes(self.block_hashes, self.all_token_ids, block_size)
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.num_preemptions = 0
+        self.stop_reason: int | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[len(self.prompt_token_ids):]
+
+    def append_output_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+        extend_block_hashes(self.block_hashes, self.all_token_ids, self.block_size)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, {self.status.value})")

@@ -1,0 +1,1 @@
+"""Turns a SchedulerOutput into one forward pass and one batched sampling step."""

@@ -1,0 +1,144 @@
+"""The model runner: owns the weights and the KV cache tensors, turns a SchedulerOutput into one
+flattened forward pass, and samples for the requests whose last token was scheduled."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from server.config import EngineConfig
+from server.model_runner.attention_metadata import AttentionMetadata
+from server.model_runner.sampler import Sampler, SamplingRow
+from server.models.arch_config import ArchConfig
+from server.models.errors import ModelLoadError
+from server.models.loader import load_model, resolve_dtype
+from server.scheduler.output import SampleResult, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, arch: ArchConfig, model_dir: Path,
+                 max_model_len: int) -> None:
+        self.config = config
+        self.arch = arch
+        self.block_size = config.cache.block_size
+        self.max_model_len = max_model_len
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, arch)
+        self.model = load_model(model_dir, arch, self.dtype, self.device,
+                                max_position=max(max_model_len, arch.max_position_embeddings))
+        self.num_blocks = self._num_blocks_from_budget()
+        shape = (self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(arch.num_layers)]
+        self.sampler = Sampler(seed=config.model.seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return (2 * self.arch.num_layers * self.block_size * self.arch.num_kv_heads
+                * self.arch.head_dim * elem)
+
+    def _num_blocks_from_budget(self) -> int:
+        budget = self.config.cache.kv_cache_memory
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * 0.85)
+            else:
+                budget = DEFAULT_CPU_KV_CACHE_MEMORY
+        num_blocks = budget // self.bytes_per_block
+        blocks_per_seq = -(-self.max_model_len // self.block_size)
+        if num_blocks < blocks_per_seq:
+            raise ModelLoadError(
+                f"kv_cache_memory={budget} bytes holds {num_blocks} blocks of "
+                f"{self.block_size} tokens, fewer than one sequence of max_model_len="
+                f"{self.max_model_len} needs ({blocks_per_seq} blocks, "
+                f"{blocks_per_seq * self.bytes_per_block} bytes); raise kv_cache_memory or "
+                f"lower max_model_len")
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB); max concurrency at "
+                    "max_model_len=%d: %.2f sequences", num_blocks, self.block_size,
+                    num_blocks * self.bytes_per_block / 2**20, self.max_model_len,
+                    num_blocks / blocks_per_seq)
+        return num_blocks
+
+    def _prepare(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor,
+                                                          AttentionMetadata]:
+        scheduled = output.scheduled
+        num_seqs = len(scheduled)
+        token_ids: list[int] = []
+        starts, lens = [], []
+        for entry in scheduled:
+            start, n = entry.num_computed_tokens, entry.num_scheduled_tokens
+            token_ids.extend(entry.request.all_token_ids[start:start + n])
+            starts.append(start)
+            lens.append(n)
+        max_blocks = max(len(e.block_ids) for e in scheduled)
+        table = torch.zeros((num_seqs, max_blocks), dtype=torch.int32)
+        for i, entry in enumerate(scheduled):
+            table[i, :len(entry.block_ids)] = torch.tensor(entry.block_ids, dtype=torch.int32)
+        q_lens = torch.tensor(lens, dtype=torch.int64)
+        seq_idx = torch.repeat_interleave(torch.arange(num_seqs), q_lens)
+        query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int64)
+        query_start_loc[1:] = torch.cumsum(q_lens, 0)
+        positions = (torch.arange(len(token_ids)) - query_start_loc[seq_idx]
+                     + torch.tensor(starts, dtype=torch.int64)[seq_idx])
+        slot_mapping = (table[seq_idx, positions // self.block_size].long() * self.block_size
+                        + positions % self.block_size)
+        seq_lens = torch.tensor(starts, dtype=torch.int32) + q_lens.to(torch.int32)
+        dev = self.device
+        md = AttentionMetadata(
+            query_start_loc=query_start_loc.to(torch.int32).to(dev),
+            seq_lens=seq_lens.to(dev),
+            block_table=table.to(dev),
+            slot_mapping=slot_mapping.to(dev),
+        )
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
+        return input_ids, positions.to(dev), md
+
+    def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        gen = self._generators.get(request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+            self._generators[request_id] = gen
+        return gen
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> dict[str, SampleResult]:
+        for request_id in output.finished_req_ids:
+            self._generators.pop(request_id, None)
+        if output.empty:
+            return {}
+        input_ids, positions, md = self._prepare(output)
+        hidden = self.model(input_ids, positions, self.kv_caches, md)
+        rows, last_indices = [], []
+        for i, entry in enumerate(output.scheduled):
+            if entry.samples:
+                request = entry.request
+                rows.append(SamplingRow(request, self._generator_for(
+                    request.request_id, request.sampling_params.seed)))
+                last_indices.append(i)
+        if not rows:
+            return {}
+        logits_index = md.query_start_loc[1:][torch.tensor(last_indices, device=self.device)] - 1
+        logits = self.model.compute_logits(hidden[logits_index.long()])
+        results = self.sampler(logits, rows)
+        return {row.request.request_id: r for row, r in zip(rows, results)}

@@ -1,0 +1,1 @@
+"""Model code (Llama family) and loading from Hugging Face model directories."""

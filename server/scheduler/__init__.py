@@ -1,0 +1,1 @@
+"""Continuous-batching scheduler: one token budget per step, chunked prefill, preemption."""

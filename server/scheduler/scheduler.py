@@ -1,0 +1,179 @@
+"""The scheduler step (DESIGN.md §3): running requests first, then FCFS admission, all under
+one token budget; preemption by recompute, newest first."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from server.config import SchedulerConfig
+from server.engine.request import Request, RequestStatus
+from server.kv_cache.manager import NO_COMPUTED_BLOCKS, KVCacheManager
+from server.scheduler.output import (
+    EngineCoreOutput, SampleResult, ScheduledRequest, SchedulerOutput,
+)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager,
+                 max_model_len: int) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_req_ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ requests in and out
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        if request.num_tokens > self.max_model_len:
+            raise ValueError(f"the prompt has {request.num_tokens} tokens, more than "
+                             f"max_model_len={self.max_model_len}")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Finish (abort) requests wherever they are; their blocks are freed at once."""
+        finished = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.status.finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+            finished.append(request)
+        return finished
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv_cache.free(request)
+        del self.requests[request.request_id]
+        self._finished_req_ids.add(request.request_id)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ------------------------------------------------------------------ one step
+    def _chunk(self, request: Request, budget: int) -> int:
+        num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+        if self.config.long_prefill_token_threshold:
+            num_new = min(num_new, self.config.long_prefill_token_threshold)
+        return num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+
+        # Running requests, oldest first; victims come off the end of the list.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = self._chunk(request, budget)
+            while self.kv_cache.allocate_slots(request, num_new) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_new,
+                                                  []))
+                budget -= num_new
+                index += 1
+                continue
+            break
+
+        # Waiting requests in arrival order; none are admitted in a step that had to preempt.
+        while self.waiting and budget > 0 and not preempted:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            request = self.waiting[0]
+            computed = (self.kv_cache.get_computed_blocks(request)
+                        if request.num_computed_tokens == 0 else NO_COMPUTED_BLOCKS)
+            request.num_computed_tokens = computed.num_tokens
+            num_new = self._chunk(request, budget)
+            if self.kv_cache.allocate_slots(request, num_new, computed) is None:
+                request.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = computed.num_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_new, []))
+            budget -= num_new
+
+        for entry in scheduled:
+            entry.block_ids = self.kv_cache.get_block_ids(entry.request.request_id)
+            entry.request.num_computed_tokens += entry.num_scheduled_tokens
+        finished, self._finished_req_ids = self._finished_req_ids, set()
+        return SchedulerOutput(
+            scheduled=scheduled,
+            num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+            finished_req_ids=finished,
+            preempted_req_ids=preempted,
+        )
+
+    # ------------------------------------------------------------------ after the forward pass
+    def update_from_output(
+        self, output: SchedulerOutput, samples: dict[str, SampleResult]
+    ) -> list[EngineCoreOutput]:
+        outputs = []
+        for entry in output.scheduled:
+            request = entry.request
+            if request.status != RequestStatus.RUNNING or not entry.samples:
+                continue  # aborted meanwhile, or a prefill chunk whose sample is discarded
+            sample = samples[request.request_id]
+            request.append_output_token(sample.token_id)
+            status = self._check_stop(request)
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status)
+            outputs.append(EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[sample.token_id],
+                new_logprobs=[sample] if request.sampling_params.logprobs is not None else [],
+                finish_reason=status.value if status is not None else None,
+                stop_reason=request.stop_reason,
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+            ))
+        return outputs
+
+    def _check_stop(self, request: Request) -> RequestStatus | None:
+        params = request.sampling_params
+        token_id = request.all_token_ids[-1]
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if request.max_tokens is not None and request.num_output_tokens >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -69,8 +69,8 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     # ------------------------------------------------------------------ one step
-    def _chunk(self, request: Request, budget: int) -> int:
-        num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+    def _chunk(self, num_remaining: int, budget: int) -> int:
+        num_new = min(num_remaining, budget)
         if self.config.long_prefill_token_threshold:
             num_new = min(num_new, self.config.long_prefill_token_threshold)
         return num_new
@@ -92,7 +92,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = self._chunk(request, budget)
+            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
             while self.kv_cache.allocate_slots(request, num_new) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -114,11 +114,11 @@ class Scheduler:
             request = self.waiting[0]
             computed = (self.kv_cache.get_computed_blocks(request)
                         if request.num_computed_tokens == 0 else NO_COMPUTED_BLOCKS)
-            request.num_computed_tokens = computed.num_tokens
-            num_new = self._chunk(request, budget)
+            # allocate_slots adds the hit to the request's (zero) computed tokens itself.
+            num_new = self._chunk(request.num_tokens - computed.num_tokens, budget)
             if self.kv_cache.allocate_slots(request, num_new, computed) is None:
-                request.num_computed_tokens = 0
                 break
+            request.num_computed_tokens = computed.num_tokens
             self.waiting.popleft()
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = computed.num_tokens

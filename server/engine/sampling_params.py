@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+MAX_LOGPROBS = 20  # most top-N logprobs per token (OpenAI's chat limit)
 
 
 @dataclass
@@ -45,7 +46,8 @@ class SamplingParams:
         check(self.min_tokens >= 0, "min_tokens", "must be >= 0")
         if self.max_tokens is not None:
             check(self.min_tokens <= self.max_tokens, "min_tokens", "must be <= max_tokens")
-        check(self.logprobs is None or self.logprobs >= 0, "logprobs", "must be >= 0")
+        check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
+              f"must be in [0, {MAX_LOGPROBS}]")
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             for bias in self.logit_bias.values():

@@ -112,6 +112,7 @@ class Sampler:
         raw_logprobs = None
         max_logprobs = max((r.request.sampling_params.logprobs or 0 for r in rows
                             if r.request.sampling_params.logprobs is not None), default=-1)
+        max_logprobs = min(max_logprobs, logits.shape[1])
         if max_logprobs >= 0:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         _apply_logit_bias(logits, rows)

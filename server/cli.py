@@ -1,0 +1,89 @@
+"""`pagedserve` command line (also `python -m server`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from server.models.errors import ModelLoadError
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per engine config field (server/config.py)."""
+    parser.add_argument("model", nargs="?", default=None,
+                        help="Hugging Face model directory (default: the bundled stories260k)")
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "float16", "bfloat16"],
+                        help="weight and activation dtype; auto takes config.json's")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the sampler for requests without their own seed")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context length cap (default: the model's)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    parser.add_argument("--kv-cache-memory", type=int, default=None,
+                        help="bytes of KV cache (default: 1 GiB on CPU, 85%% of free memory "
+                             "on CUDA)")
+    parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                        action="store_false", help="turn prefix caching off")
+    parser.add_argument("--max-num-seqs", type=int, default=256,
+                        help="most requests running at once")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="token budget of one engine step")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+                max_model_len=args.max_model_len, block_size=args.block_size,
+                kv_cache_memory=args.kv_cache_memory,
+                enable_prefix_caching=args.enable_prefix_caching,
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from server import LLM, SamplingParams
+
+    llm = LLM(**engine_kwargs(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.sampling_seed)
+    for out in llm.generate(args.prompt, params):
+        completion = out.outputs[0]
+        print(completion.text if args.continuation_only else llm.tokenizer.decode(
+            out.prompt_token_ids + completion.token_ids, skip_special_tokens=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__)
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate offline from one or more prompts")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", action="append", required=True,
+                     help="a prompt (repeat for a batch)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.add_argument("--continuation-only", action="store_true",
+                     help="print only the generated text, not the prompt")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ModelLoadError, ValueError) as e:
+        print(f"pagedserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

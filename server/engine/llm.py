@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Union
 
 from tqdm import tqdm
 
@@ -14,7 +13,7 @@ from server.engine.outputs import CompletionOutput, RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.engine.tokenizer import load_tokenizer
 
-PromptType = Union[str, Sequence[int], dict]
+PromptType = str | Sequence[int] | dict
 
 
 class LLM:

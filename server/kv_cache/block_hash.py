@@ -1,4 +1,7 @@
-"""Stable block hashes for prefix caching: H(parent_hash ‖ token ids as little-endian int32 ‖ extra)."""
+"""Stable block hashes for prefix caching.
+
+H(parent_hash ‖ token ids as little-endian int32 ‖ extra keys), sha256: never Python's hash().
+"""
 
 from __future__ import annotations
 

@@ -150,4 +150,4 @@ class BlockPool:
             if block.ref_cnt == 0:
                 assert block.block_id in free_ids, f"{block} has ref_cnt 0 but is not free"
         for block_hash, block in self.cached_blocks.items():
-            assert block.block_hash == block_hash, f"hash map entry points to {block} of another hash"
+            assert block.block_hash == block_hash, f"hash map entry -> {block} of another hash"

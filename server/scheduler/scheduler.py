@@ -10,7 +10,10 @@ from server.config import SchedulerConfig
 from server.engine.request import Request, RequestStatus
 from server.kv_cache.manager import NO_COMPUTED_BLOCKS, KVCacheManager
 from server.scheduler.output import (
-    EngineCoreOutput, SampleResult, ScheduledRequest, SchedulerOutput,
+    EngineCoreOutput,
+    SampleResult,
+    ScheduledRequest,
+    SchedulerOutput,
 )
 
 

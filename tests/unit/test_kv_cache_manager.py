@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
@@ -467,23 +467,32 @@ def test_scheduler_admission_with_a_prefix_hit_allocates_exactly() -> None:
 # ---------------------------------------------------------------------------- state machine
 VOCAB = st.integers(min_value=0, max_value=3)
 PREFIXES = [[], [1, 2, 3, 0, 1, 2, 3, 0], [1, 2, 3, 0, 2, 2, 2, 2], [3, 3, 3, 3], [0] * 12]
-MAX_TOKENS = 24
-MAX_LIVE = 6
+MAX_TOKENS = 20
+MAX_LIVE = 8
 
 
 class KVCacheMachine(RuleBasedStateMachine):
     """Drives the manager as the scheduler would and keeps a shadow KV cache: each slot holds the
     token prefix whose KV was written there. Every block the prefix cache advertises must hold
-    exactly the tokens its hash stands for."""
+    exactly the tokens its hash stands for.
 
-    @initialize(num_blocks=st.integers(min_value=8, max_value=16), caching=st.booleans())
-    def setup(self, num_blocks: int, caching: bool) -> None:
+    Rules that do not apply return at once: with preconditions hypothesis rejects many runs while
+    only a few rules are enabled.
+    """
+
+    @initialize(num_blocks=st.integers(min_value=8, max_value=12),
+                caching=st.integers(0, 3).map(bool),  # mostly with prefix caching
+                prompts=st.lists(st.tuples(st.sampled_from(PREFIXES), st.lists(VOCAB, max_size=8)),
+                                 min_size=2, max_size=4))
+    def setup(self, num_blocks: int, caching: bool, prompts: list) -> None:
         self.manager = KVCacheManager(num_blocks, BLOCK_SIZE, enable_caching=caching)
         self.waiting: dict[str, Request] = {}
         self.running: dict[str, Request] = {}
         self.next_id = 0
         self.shadow: dict[int, list[tuple[int, ...] | None]] = {}
         self.hash_tokens: dict[bytes, tuple[int, ...]] = {}
+        for prefix, suffix in prompts:
+            self.new_request(prefix, suffix)
 
     # -- helpers
     @staticmethod
@@ -491,11 +500,19 @@ class KVCacheMachine(RuleBasedStateMachine):
         keys = sorted(requests)
         return requests[keys[index % len(keys)]]
 
+    def new_request(self, prefix: list[int], suffix: list[int]) -> None:
+        tokens = (prefix + suffix) or [0]
+        request = make_request(f"r{self.next_id}", tokens)
+        self.next_id += 1
+        self.waiting[request.request_id] = request
+        self.record_hashes(request)
+
     def record_hashes(self, request: Request) -> None:
+        assert len(request.block_hashes) == request.num_tokens // BLOCK_SIZE
         for i, block_hash in enumerate(request.block_hashes):
             tokens = tuple(request.all_token_ids[:(i + 1) * BLOCK_SIZE])
+            # A mismatch here would mean two token chains share a hash.
             assert self.hash_tokens.setdefault(block_hash, tokens) == tokens
-            # Token ids are in range for int32, so a collision here would be a sha256 collision.
 
     def write_kv(self, request: Request, start: int, end: int) -> None:
         blocks = self.manager.req_to_blocks[request.request_id]
@@ -505,115 +522,119 @@ class KVCacheMachine(RuleBasedStateMachine):
             slots = self.shadow.setdefault(block.block_id, [None] * BLOCK_SIZE)
             slots[t % BLOCK_SIZE] = tuple(request.all_token_ids[:t + 1])
 
-    def expected_blocks(self, num_blocks_held: int, num_hits: int, num_free_hits: int,
-                        num_tokens: int) -> bool:
-        """Whether an allocation must succeed."""
+    def must_fit(self, num_blocks_held: int, num_hits: int, num_free_hits: int,
+                 num_tokens: int) -> bool:
         num_new = max(0, cdiv(num_tokens, BLOCK_SIZE) - num_blocks_held - num_hits)
         return num_new + num_free_hits <= self.manager.num_free_blocks
 
+    def allocate(self, request: Request, num_new: int,
+                 computed: ComputedBlocks = NO_COMPUTED_BLOCKS) -> bool:
+        """allocate_slots, checked against the spec; on success the tokens are computed."""
+        hits = computed.blocks
+        held = len(self.manager.req_to_blocks.get(request.request_id, []))
+        num_computed = request.num_computed_tokens + computed.num_tokens
+        num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
+        must_fit = self.must_fit(held, len(hits), num_free_hits, num_computed + num_new)
+        hit_ids = set(ids(hits))
+        head = [i for i in free_ids(self.manager) if i not in hit_ids]
+        before = snapshot(self.manager)
+
+        new_blocks = self.manager.allocate_slots(request, num_new, computed)
+        kind = "step" if held else "admit with free hits" if num_free_hits else (
+            "admit with hits" if hits else "admit")
+        event(f"{kind}: {'failed' if new_blocks is None else 'ok'}")
+        if new_blocks is None:
+            assert not must_fit, "allocation failed although the pool had room"
+            assert snapshot(self.manager) == before, "a failed allocation changed state"
+            return False
+        assert must_fit, "allocation succeeded without room"
+        table = self.manager.req_to_blocks[request.request_id]
+        assert table[held:held + len(hits)] == hits
+        assert table[held + len(hits):] == new_blocks
+        assert ids(new_blocks) == head[:len(new_blocks)], "new blocks not popped from the head"
+        assert len(table) == cdiv(num_computed + num_new, BLOCK_SIZE)
+        self.write_kv(request, num_computed, num_computed + num_new)
+        request.num_computed_tokens = num_computed + num_new
+        return True
+
+    def free_and_check_order(self, request: Request) -> None:
+        table = self.manager.req_to_blocks[request.request_id]
+        released = [b.block_id for b in reversed(table) if b.ref_cnt == 1]
+        kept = free_ids(self.manager)
+        self.manager.free(request)
+        # Blocks reaching ref_cnt 0 join the tail, the request's deepest block first.
+        assert free_ids(self.manager) == kept + released
+        assert request.request_id not in self.manager.req_to_blocks
+
     # -- rules
-    @precondition(lambda self: len(self.waiting) + len(self.running) < MAX_LIVE)
     @rule(prefix=st.sampled_from(PREFIXES), suffix=st.lists(VOCAB, max_size=8))
     def add_request(self, prefix: list[int], suffix: list[int]) -> None:
-        tokens = (prefix + suffix) or [0]
-        request = make_request(f"r{self.next_id}", tokens)
-        self.next_id += 1
-        self.waiting[request.request_id] = request
-        self.record_hashes(request)
+        if len(self.waiting) + len(self.running) < MAX_LIVE:
+            self.new_request(prefix, suffix)
 
-    @precondition(lambda self: self.waiting)
     @rule(index=st.integers(0, 100), chunk=st.integers(1, 12))
     def admit(self, index: int, chunk: int) -> None:
+        if not self.waiting:
+            return
         request = self.pick(self.waiting, index)
         assert request.num_computed_tokens == 0
         assert request.request_id not in self.manager.req_to_blocks
         computed = self.manager.get_computed_blocks(request)
-        hits = computed.blocks
-        assert computed.num_tokens == len(hits) * BLOCK_SIZE < request.num_tokens
+        assert computed.num_tokens == len(computed.blocks) * BLOCK_SIZE < request.num_tokens
         if not self.manager.enable_caching:
-            assert hits == []
-        for i, block in enumerate(hits):
+            assert computed.blocks == []
+        for i, block in enumerate(computed.blocks):
             assert block.block_hash == request.block_hashes[i]
             # The hit's KV must be exactly this request's prefix.
             assert self.shadow[block.block_id] == [
                 tuple(request.all_token_ids[:i * BLOCK_SIZE + k + 1]) for k in range(BLOCK_SIZE)]
         num_new = min(chunk, request.num_tokens - computed.num_tokens)
-        num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
-        must_fit = self.expected_blocks(0, len(hits), num_free_hits,
-                                        computed.num_tokens + num_new)
-        before = snapshot(self.manager)
-        new_blocks = self.manager.allocate_slots(request, num_new, computed)
-        if new_blocks is None:
-            assert not must_fit, "allocation failed although the pool had room"
-            assert snapshot(self.manager) == before
-            return
-        assert must_fit, "allocation succeeded without room"
-        table = self.manager.req_to_blocks[request.request_id]
-        assert table[:len(hits)] == hits
-        assert table[len(hits):] == new_blocks
-        assert len(table) == cdiv(computed.num_tokens + num_new, BLOCK_SIZE)
-        self.write_kv(request, computed.num_tokens, computed.num_tokens + num_new)
-        request.num_computed_tokens = computed.num_tokens + num_new
-        del self.waiting[request.request_id]
-        self.running[request.request_id] = request
+        if self.allocate(request, num_new, computed):
+            del self.waiting[request.request_id]
+            self.running[request.request_id] = request
 
-    @precondition(lambda self: any(r.num_computed_tokens < r.num_tokens
-                                   for r in self.running.values()))
     @rule(index=st.integers(0, 100), chunk=st.integers(1, 12))
     def compute(self, index: int, chunk: int) -> None:
+        """A prefill chunk, or the decode step of a token that could not be computed before."""
         pending = {k: r for k, r in self.running.items() if r.num_computed_tokens < r.num_tokens}
-        request = self.pick(pending, index)
-        num_new = min(chunk, request.num_tokens - request.num_computed_tokens)
-        held = len(self.manager.req_to_blocks[request.request_id])
-        must_fit = self.expected_blocks(held, 0, 0, request.num_computed_tokens + num_new)
-        before = snapshot(self.manager)
-        new_blocks = self.manager.allocate_slots(request, num_new)
-        if new_blocks is None:
-            assert not must_fit, "allocation failed although the pool had room"
-            assert snapshot(self.manager) == before
-            return
-        assert must_fit, "allocation succeeded without room"
-        table = self.manager.req_to_blocks[request.request_id]
-        assert table[held:] == new_blocks
-        start = request.num_computed_tokens
-        request.num_computed_tokens += num_new
-        assert len(table) == cdiv(request.num_computed_tokens, BLOCK_SIZE)
-        self.write_kv(request, start, request.num_computed_tokens)
+        if pending:
+            request = self.pick(pending, index)
+            self.allocate(request, min(chunk, request.num_tokens - request.num_computed_tokens))
 
-    @precondition(lambda self: any(r.num_computed_tokens == r.num_tokens < MAX_TOKENS
-                                   for r in self.running.values()))
     @rule(index=st.integers(0, 100), token=VOCAB)
-    def append_token(self, index: int, token: int) -> None:
-        done = {k: r for k, r in self.running.items()
-                if r.num_computed_tokens == r.num_tokens < MAX_TOKENS}
+    def decode(self, index: int, token: int) -> None:
+        """Append the sampled token of a request that caught up and schedule it, or finish it at
+        MAX_TOKENS."""
+        done = {k: r for k, r in self.running.items() if r.num_computed_tokens == r.num_tokens}
+        if not done:
+            return
         request = self.pick(done, index)
+        if request.num_tokens >= MAX_TOKENS:
+            self.free_and_check_order(request)
+            del self.running[request.request_id]
+            return
         request.append_output_token(token)
-        assert len(request.block_hashes) == request.num_tokens // BLOCK_SIZE
         self.record_hashes(request)
+        self.allocate(request, 1)
 
-    @precondition(lambda self: self.running)
-    @rule(index=st.integers(0, 100))
-    def finish(self, index: int) -> None:
+    @rule(index=st.integers(0, 100), kind=st.sampled_from(["finish", "preempt", "abort"]))
+    def release(self, index: int, kind: str) -> None:
+        if kind == "abort":  # a waiting request leaves: free() is a no-op
+            if self.waiting:
+                request = self.pick(self.waiting, index)
+                before = snapshot(self.manager)
+                self.manager.free(request)
+                assert snapshot(self.manager) == before
+                del self.waiting[request.request_id]
+            return
+        if not self.running:
+            return
         request = self.pick(self.running, index)
-        self.manager.free(request)
+        self.free_and_check_order(request)
         del self.running[request.request_id]
-        assert request.request_id not in self.manager.req_to_blocks
-
-    @precondition(lambda self: self.running)
-    @rule(index=st.integers(0, 100))
-    def preempt(self, index: int) -> None:
-        request = self.pick(self.running, index)
-        self.manager.free(request)
-        request.num_computed_tokens = 0
-        del self.running[request.request_id]
-        self.waiting[request.request_id] = request
-
-    @precondition(lambda self: self.waiting)
-    @rule(index=st.integers(0, 100))
-    def abort_waiting(self, index: int) -> None:
-        request = self.pick(self.waiting, index)
-        self.manager.free(request)  # a no-op for a request without blocks
-        del self.waiting[request.request_id]
+        if kind == "preempt":  # back to the waiting queue, recomputed from scratch
+            request.num_computed_tokens = 0
+            self.waiting[request.request_id] = request
 
     # -- invariants
     @invariant()
@@ -626,13 +647,11 @@ class KVCacheMachine(RuleBasedStateMachine):
         for request_id, request in self.running.items():
             table = self.manager.req_to_blocks[request_id]
             assert len(table) == cdiv(request.num_computed_tokens, BLOCK_SIZE)
-            num_cached = self.manager.num_cached_blocks.get(request_id, 0)
             if self.manager.enable_caching:
+                num_cached = self.manager.num_cached_blocks[request_id]
                 assert num_cached == request.num_computed_tokens // BLOCK_SIZE
-        held = sum(len(t) for t in self.manager.req_to_blocks.values())
         distinct = {b.block_id for t in self.manager.req_to_blocks.values() for b in t}
         assert self.manager.num_free_blocks == self.manager.num_blocks - len(distinct)
-        assert held >= len(distinct)
 
     @invariant()
     def cached_blocks_hold_what_their_hash_promises(self) -> None:
@@ -648,6 +667,6 @@ class KVCacheMachine(RuleBasedStateMachine):
 
 
 KVCacheMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None,
+    max_examples=150, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_kv_cache_state_machine = KVCacheMachine.TestCase

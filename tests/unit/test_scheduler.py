@@ -171,7 +171,7 @@ def test_chunked_prefill_continues_and_discards_mid_prefill_samples():
         assert out.scheduled[0].samples is samples
         assert r.num_computed_tokens == before + num
         assert len(out.scheduled[0].block_ids) == cdiv(before + num, BS)
-        outputs = update(s, out, token_fn=lambda _r: 7 + i, all_samples=True)
+        outputs = update(s, out, token_fn=lambda _r, i=i: 7 + i, all_samples=True)
         if not samples:  # the runner sampled mid-prefill; the scheduler drops it
             assert outputs == [] and r.output_token_ids == [] and r.num_tokens == 23
     assert [(o.new_token_ids, o.finished) for o in outputs] == [([9], False)]

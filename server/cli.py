@@ -42,6 +42,29 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from server.api.app import build_app
+    from server.config import EngineConfig, ServerConfig
+
+    engine_config = EngineConfig.from_kwargs(**engine_kwargs(args))
+    server_config = ServerConfig(
+        host=args.host, port=args.port, served_model_name=args.served_model_name,
+        api_key=args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None,
+        max_queued_requests=args.max_queued_requests,
+        allowed_origins=tuple(args.allowed_origins or ()),
+        max_request_body_bytes=args.max_request_body_bytes, log_level=args.log_level,
+        shutdown_timeout=args.shutdown_timeout)
+    app = build_app(engine_config, server_config)
+    uvicorn.run(app, host=server_config.host, port=server_config.port,
+                log_level=server_config.log_level,
+                timeout_graceful_shutdown=int(server_config.shutdown_timeout) or None)
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from server import LLM, SamplingParams
 
@@ -57,9 +80,26 @@ def _generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__)
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                           description="Serve a model over the OpenAI-compatible HTTP API.")
+    add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None,
+                       help="model name clients use (default: the model directory's name)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1 and /tokenize routes "
+                            "(also from PAGEDSERVE_API_KEY)")
+    serve.add_argument("--max-queued-requests", type=int, default=1024,
+                       help="waiting requests beyond which new ones get 429")
+    serve.add_argument("--allowed-origins", nargs="*", default=None, metavar="ORIGIN",
+                       help="CORS origins allowed to call the API (default: none)")
+    serve.add_argument("--max-request-body-bytes", type=int, default=16 << 20,
+                       help="larger request bodies get 413")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish after SIGTERM")
+    serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate offline from one or more prompts")
     add_engine_args(gen)
     gen.add_argument("--prompt", action="append", required=True,
@@ -71,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--continuation-only", action="store_true",
                      help="print only the generated text, not the prompt")
     gen.set_defaults(func=_generate)
+    for command in (serve, gen):
+        command.add_argument("--log-level", default="info",
+                             choices=["debug", "info", "warning", "error"])
     return parser
 
 

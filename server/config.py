@@ -85,3 +85,26 @@ class EngineConfig:
             cache=CacheConfig(**groups[CacheConfig]),  # type: ignore[arg-type]
             scheduler=SchedulerConfig(**groups[SchedulerConfig]),  # type: ignore[arg-type]
         )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # None: the model directory's name
+    api_key: str | None = None
+    max_queued_requests: int = 1024
+    allowed_origins: tuple[str, ...] = ()
+    max_request_body_bytes: int = 16 << 20
+    log_level: str = "info"
+    shutdown_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
+        if self.max_request_body_bytes < 1024:
+            raise ValueError("max_request_body_bytes must be >= 1024")
+        if self.shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout must be >= 0")

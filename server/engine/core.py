@@ -91,18 +91,25 @@ class EngineCore:
         self._parents[request_id] = _Parent(child_ids, children[1:])
         self.scheduler.add_request(children[0])
 
-    def abort_request(self, request_id: str) -> None:
-        parent = self._parents.pop(request_id, None)
+    def abort_request(self, request_id: str, index: int | None = None) -> None:
+        """Abort a request (all its completions), or only its completion `index`."""
+        parent = self._parents.get(request_id)
         if parent is None:
             return
+        child_ids = parent.child_ids if index is None else parent.child_ids[index:index + 1]
         held = {r.request_id for r in parent.held}
-        self.scheduler.finish_requests([c for c in parent.child_ids if c not in held],
+        self.scheduler.finish_requests([c for c in child_ids if c not in held],
                                        RequestStatus.FINISHED_ABORTED)
-        for child_id in parent.child_ids:
-            self._child_to_parent.pop(child_id, None)
+        parent.held = [r for r in parent.held if r.request_id not in child_ids]
+        for child_id in child_ids:
+            if child_id in self._child_to_parent:
+                self._child_finished(request_id, child_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._parents)
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[EngineCoreOutput]:

@@ -28,7 +28,7 @@ class Request:
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "eos_token_ids",
                  "all_token_ids", "num_computed_tokens", "num_cached_tokens", "status",
                  "block_hashes", "block_size", "arrival_time", "num_preemptions",
-                 "max_tokens", "stop_reason")
+                 "max_tokens", "stop_reason", "first_scheduled_time")
 
     def __init__(
         self,
@@ -58,6 +58,7 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.num_preemptions = 0
         self.stop_reason: int | None = None
+        self.first_scheduled_time: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -51,6 +51,7 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | None = None  # the stop token id that ended the request, if any
     num_cached_tokens: int = 0
+    queue_time: float | None = None  # seconds from arrival to first scheduling, on the first token
 
     @property
     def finished(self) -> bool:

@@ -3,6 +3,7 @@ one token budget; preemption by recompute, newest first."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -125,6 +126,7 @@ class Scheduler:
             self.waiting.popleft()
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = computed.num_tokens
+                request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_new, []))
@@ -163,6 +165,9 @@ class Scheduler:
                 finish_reason=status.value if status is not None else None,
                 stop_reason=request.stop_reason,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
+                queue_time=(request.first_scheduled_time - request.arrival_time
+                            if request.num_output_tokens == 1
+                            and request.first_scheduled_time is not None else None),
             ))
         return outputs
 

@@ -1,0 +1,171 @@
+"""The FastAPI application: routes, middleware (API key, request id, body limit, CORS),
+lifespan (the engine thread), health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from server import __version__
+from server.api.errors import APIError, from_validation_error, install_error_handlers
+from server.api.metrics import Metrics
+from server.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from server.api.serving_chat import create_chat_completion, render_chat
+from server.api.serving_common import ServingContext
+from server.api.serving_completion import create_completion
+from server.config import EngineConfig, ServerConfig
+from server.engine.async_client import AsyncEngine
+
+_PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+def served_name(engine_config: EngineConfig, server_config: ServerConfig) -> str:
+    return server_config.served_model_name or Path(engine_config.model.model).name
+
+
+async def read_body(request: Request, model: type[BaseModel], limit: int) -> BaseModel:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is larger than {limit} bytes",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is larger than {limit} bytes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    try:
+        return model.model_validate_json(b"".join(chunks))
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+def build_app(engine_config: EngineConfig, server_config: ServerConfig,
+              engine: AsyncEngine | None = None) -> FastAPI:
+    name = served_name(engine_config, server_config)
+    metrics = Metrics(name)
+    if engine is None:
+        engine = AsyncEngine(engine_config, step_listener=metrics.on_step)
+    ctx = ServingContext(engine, name, server_config.max_queued_requests, metrics)
+    created = int(time.time())
+    limit = server_config.max_request_body_bytes
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    if server_config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(server_config.allowed_origins),
+                           allow_methods=["*"], allow_headers=["*"])
+
+    @app.middleware("http")
+    async def request_id_and_auth(request: Request, call_next):
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        key = server_config.api_key
+        if (key and request.method != "OPTIONS"
+                and request.url.path.startswith(_PROTECTED_PREFIXES)):
+            auth = request.headers.get("authorization", "")
+            token = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                response = APIError(401, "invalid or missing API key (send it as "
+                                    "'Authorization: Bearer <key>')",
+                                    type="authentication_error",
+                                    code="invalid_api_key").response()
+                response.headers["X-Request-Id"] = request_id
+                return response
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.alive:
+            return Response(status_code=200)
+        message = (f"the engine failed to start: {engine.error}" if engine.error
+                   else "the engine is loading")
+        return APIError(503, message, type="service_unavailable_error").response()
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card() -> dict:
+        card = {"id": name, "object": "model", "created": created, "owned_by": "pagedserve",
+                "root": engine_config.model.model, "parent": None}
+        if engine.alive:
+            card["max_model_len"] = engine.max_model_len
+        return card
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict:
+        if model_id != name:
+            raise APIError(404, f"the model '{model_id}' does not exist", param="model",
+                           code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request, CompletionRequest, limit)
+        return await create_completion(ctx, body, request)  # type: ignore[arg-type]
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request, ChatCompletionRequest, limit)
+        return await create_chat_completion(ctx, body, request)  # type: ignore[arg-type]
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        body: TokenizeRequest = await read_body(request, TokenizeRequest, limit)  # type: ignore
+        ctx.check_ready()
+        ctx.check_model(body)  # type: ignore[arg-type]
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+        if body.messages is not None:
+            tokens = render_chat(ctx, body.messages, body.add_generation_prompt)
+        else:
+            tokens = list(ctx.tokenizer(body.prompt,
+                                        add_special_tokens=body.add_special_tokens).input_ids)
+        return JSONResponse({"count": len(tokens), "max_model_len": engine.max_model_len,
+                             "tokens": tokens})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        body: DetokenizeRequest = await read_body(request, DetokenizeRequest, limit)  # type: ignore
+        ctx.check_ready()
+        ctx.check_model(body)  # type: ignore[arg-type]
+        ctx.check_token_ids(body.tokens, "tokens")
+        return JSONResponse({"prompt": ctx.tokenizer.decode(body.tokens)})
+
+    return app

@@ -1,0 +1,145 @@
+"""POST /v1/chat/completions (the tokenizer's chat template)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.api.errors import APIError, bad_request
+from server.api.protocol import ChatCompletionRequest, ChatMessage
+from server.api.serving_common import (
+    ChoiceState,
+    ServingContext,
+    make_choices,
+    new_id,
+    sampling_params_for,
+    sse,
+    until_disconnected,
+    usage,
+)
+from server.engine.async_client import EngineNotReadyError
+from server.scheduler.output import SampleResult
+
+
+def render_chat(ctx: ServingContext, messages: list[ChatMessage],
+                add_generation_prompt: bool) -> list[int]:
+    """Token ids of the conversation through the tokenizer's chat template."""
+    tokenizer = ctx.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request(f"the model '{ctx.served_model_name}' has no chat template; use "
+                          "/v1/completions", param="messages", code="chat_template_missing")
+    conversation = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # a template can reject a conversation (e.g. role order)
+        raise bad_request(f"the chat template rejected the messages: {e}",
+                          param="messages") from None
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _token_entry(ctx: ServingContext, token_id: int, logprob: float | None) -> dict:
+    token = ctx.token_text(token_id)
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def _logprobs(ctx: ServingContext, samples: list[SampleResult], num_top: int) -> dict:
+    content = []
+    for sample in samples:
+        entry = _token_entry(ctx, sample.token_id, sample.logprob)
+        tops = sorted((sample.top_logprobs or {}).items(), key=lambda kv: -kv[1])[:num_top]
+        entry["top_logprobs"] = [_token_entry(ctx, t, lp) for t, lp in tops]
+        content.append(entry)
+    return {"content": content}
+
+
+async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest,
+                                 request: Request):
+    ctx.check_ready()
+    ctx.check_model(body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+    prompt_ids = render_chat(ctx, body.messages, body.add_generation_prompt)
+    max_tokens = body.requested_max_tokens
+    ctx.check_context(len(prompt_ids), max_tokens)
+    ctx.check_queue(1)
+    num_top = body.top_logprobs or 0
+    params = sampling_params_for(body, max_tokens, num_top if body.logprobs else None)
+    if ctx.metrics is not None:
+        ctx.metrics.on_prompt(len(prompt_ids))
+    chat = _Chat(ctx, body, prompt_ids, params, num_top)
+    if body.stream:
+        return StreamingResponse(chat.stream(), media_type="text/event-stream")
+    return JSONResponse(await until_disconnected(request, chat.complete()))
+
+
+class _Chat:
+    def __init__(self, ctx: ServingContext, body: ChatCompletionRequest, prompt_ids: list[int],
+                 params, num_top: int) -> None:
+        self.ctx, self.body, self.prompt_ids, self.params = ctx, body, prompt_ids, params
+        self.num_top = num_top
+        self.id = new_id("chatcmpl")
+        self.created = int(time.time())
+        self.choices = make_choices(ctx, body, prompt_ids, 0, body.skip_special_tokens)
+
+    def usage(self) -> dict:
+        return usage(len(self.prompt_ids), sum(len(c.token_ids) for c in self.choices))
+
+    async def _run(self) -> AsyncIterator[tuple[ChoiceState, object]]:
+        try:
+            stream = self.ctx.engine.generate(self.id, self.prompt_ids, self.params)
+        except EngineNotReadyError:
+            raise APIError(503, "the engine is not ready",
+                           type="service_unavailable_error") from None
+        async for out in stream:
+            choice = self.choices[out.index]
+            delta = choice.add(out)
+            if choice.matcher.stopped_by is not None:
+                stream.finish_choice(out.index)
+            yield choice, delta
+
+    async def complete(self) -> dict:
+        async for _ in self._run():
+            pass
+        choices = [{
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": (_logprobs(self.ctx, c.logprobs, self.num_top) if self.body.logprobs
+                         else None),
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.matcher.stopped_by,
+        } for c in self.choices]
+        return {"id": self.id, "object": "chat.completion", "created": self.created,
+                "model": self.ctx.served_model_name, "choices": choices, "usage": self.usage()}
+
+    def _chunk(self, choices: list[dict], **extra) -> str:
+        return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.ctx.served_model_name, "choices": choices, **extra})
+
+    async def stream(self) -> AsyncIterator[str]:
+        try:
+            for choice in self.choices:
+                yield self._chunk([{"index": choice.index,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}])
+            async for choice, delta in self._run():
+                if not delta.text and delta.finish_reason is None and not self.body.logprobs:
+                    continue
+                yield self._chunk([{
+                    "index": choice.index,
+                    "delta": {"content": delta.text} if delta.text else {},
+                    "logprobs": (_logprobs(self.ctx, delta.logprobs, self.num_top)
+                                 if self.body.logprobs else None),
+                    "finish_reason": delta.finish_reason,
+                }])
+            if self.body.include_usage:
+                yield self._chunk([], usage=self.usage())
+        except APIError as e:
+            yield sse(e.body())
+        except Exception as e:  # noqa: BLE001 - reported in-band once streaming began
+            yield sse(APIError(500, f"internal server error: {e}", type="server_error").body())
+        yield sse("[DONE]")

@@ -1,0 +1,234 @@
+"""What completions and chat completions share: request checks, per-choice text state,
+merging several prompts' streams, SSE framing, and aborting when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from server.api.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenTexts
+from server.api.errors import APIError, bad_request
+from server.api.protocol import _SamplingFields
+from server.engine.async_client import AsyncEngine, RequestStream
+from server.engine.sampling_params import SamplingParams
+from server.scheduler.output import EngineCoreOutput, SampleResult
+
+
+@dataclass
+class ServingContext:
+    """What a handler needs besides the request: the engine and the server's settings."""
+
+    engine: AsyncEngine
+    served_model_name: str
+    max_queued_requests: int
+    metrics: Any = None
+
+    _token_texts: TokenTexts | None = None
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def token_text(self, token_id: int) -> str:
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.tokenizer)
+        return self._token_texts(token_id)
+
+    def check_model(self, body: _SamplingFields) -> None:
+        if body.model is not None and body.model != self.served_model_name:
+            raise APIError(404, f"the model '{body.model}' does not exist; this server serves "
+                           f"'{self.served_model_name}'", param="model", code="model_not_found")
+
+    def check_ready(self) -> None:
+        if not self.engine.alive:
+            raise APIError(503, "the engine is not ready", type="service_unavailable_error")
+
+    def check_queue(self, num_requests: int) -> None:
+        if self.engine.num_waiting + num_requests > self.max_queued_requests:
+            raise APIError(429, f"the waiting queue is full ({self.max_queued_requests} "
+                           "requests); retry later", type="rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
+
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        vocab = self.engine.engine.arch.vocab_size if self.engine.engine else 0
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is out of range [0, {vocab})", param=param)
+
+    def check_context(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+        """Raise 400 context_length_exceeded when the prompt (plus explicit max_tokens) is
+        longer than the model's context."""
+        max_model_len = self.engine.max_model_len
+        if num_prompt_tokens >= max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {max_model_len} tokens. However, "
+                f"your prompt has {num_prompt_tokens} tokens, leaving no room for output.",
+                param="messages" if max_tokens is None else "prompt",
+                code="context_length_exceeded")
+        if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {max_model_len} tokens. However, "
+                f"you requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} "
+                f"in the prompt, {max_tokens} for the completion). Please reduce the prompt "
+                "or max_tokens.", param="max_tokens", code="context_length_exceeded")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sampling_params_for(body: _SamplingFields, max_tokens: int | None,
+                        logprobs: int | None) -> SamplingParams:
+    try:
+        return body.to_sampling_params(max_tokens, logprobs)
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[SampleResult]
+    finish_reason: str | None
+
+
+@dataclass
+class ChoiceState:
+    """Text, tokens and logprobs of one choice, built incrementally from engine outputs."""
+
+    index: int
+    detokenizer: IncrementalDetokenizer
+    matcher: StopStringMatcher
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[SampleResult] = field(default_factory=list)
+    finish_reason: str | None = None
+    tracker: LatencyTracker | None = None
+
+    def add(self, out: EngineCoreOutput) -> Delta:
+        if self.tracker is not None:
+            self.tracker.on_tokens(len(out.new_token_ids))
+        self.token_ids.extend(out.new_token_ids)
+        self.logprobs.extend(out.new_logprobs)
+        final = out.finished
+        text = self.matcher.add(self.detokenizer.add(out.new_token_ids, final=final),
+                                final=final)
+        if self.matcher.stopped_by is not None:
+            self.finish_reason = "stop"
+        elif final:
+            self.finish_reason = out.finish_reason
+        if self.finish_reason is not None and self.tracker is not None:
+            self.tracker.on_finish(self.finish_reason)
+            self.tracker = None
+        self.text += text
+        return Delta(text, list(out.new_token_ids), list(out.new_logprobs), self.finish_reason)
+
+
+def make_choices(ctx: ServingContext, body: _SamplingFields, prompt_ids: list[int],
+                 first_index: int, skip_special_tokens: bool) -> list[ChoiceState]:
+    return [ChoiceState(first_index + j,
+                        IncrementalDetokenizer(ctx.tokenizer, prompt_ids, skip_special_tokens),
+                        StopStringMatcher(body.stop_strings, body.include_stop_str_in_output),
+                        tracker=LatencyTracker(ctx.metrics))
+            for j in range(body.n)]
+
+
+async def merge_streams(streams: list[RequestStream]
+                        ) -> AsyncIterator[tuple[int, EngineCoreOutput]]:
+    """Interleave several requests' outputs as they come, tagged with the stream's position."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Run a non-streaming handler's work, cancelling it (and so aborting its requests) as
+    soon as the client disconnects."""
+
+    async def wait_disconnect() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise APIError(499, "client disconnected", code="client_closed_request")
+    return task.result()
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+class LatencyTracker:
+    """Latency metrics of one choice: time to first token, between tokens, end to end."""
+
+    def __init__(self, metrics: Any) -> None:
+        self.metrics = metrics
+        self.start = time.monotonic()
+        self.last: float | None = None
+
+    def on_tokens(self, count: int) -> None:
+        if self.metrics is None or not count:
+            return
+        now = time.monotonic()
+        if self.last is None:
+            self.metrics.ttft.observe(now - self.start)
+        else:
+            self.metrics.itl.observe(now - self.last)
+        self.last = now
+
+    def on_finish(self, finish_reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.e2e.observe(time.monotonic() - self.start)
+            self.metrics.on_finished(finish_reason)

@@ -42,6 +42,15 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens)
 
 
+def _read_template(value: str | None) -> str | None:
+    from pathlib import Path
+
+    if value is None:
+        return None
+    path = Path(value)
+    return path.read_text() if path.is_file() else value
+
+
 def _serve(args: argparse.Namespace) -> int:
     import os
 
@@ -57,7 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_queued_requests=args.max_queued_requests,
         allowed_origins=tuple(args.allowed_origins or ()),
         max_request_body_bytes=args.max_request_body_bytes, log_level=args.log_level,
-        shutdown_timeout=args.shutdown_timeout)
+        shutdown_timeout=args.shutdown_timeout, chat_template=_read_template(args.chat_template))
     app = build_app(engine_config, server_config)
     uvicorn.run(app, host=server_config.host, port=server_config.port,
                 log_level=server_config.log_level,
@@ -99,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="larger request bodies get 413")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGTERM")
+    serve.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
+                       help="chat template (a file or the Jinja text) for models without one")
     serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate offline from one or more prompts")
     add_engine_args(gen)

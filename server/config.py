@@ -98,6 +98,7 @@ class ServerConfig:
     max_request_body_bytes: int = 16 << 20
     log_level: str = "info"
     shutdown_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
+    chat_template: str | None = None  # Jinja text; None: the tokenizer's own
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -62,7 +62,8 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
     metrics = Metrics(name)
     if engine is None:
         engine = AsyncEngine(engine_config, step_listener=metrics.on_step)
-    ctx = ServingContext(engine, name, server_config.max_queued_requests, metrics)
+    ctx = ServingContext(engine, name, server_config.max_queued_requests, metrics,
+                         chat_template=server_config.chat_template)
     created = int(time.time())
     limit = server_config.max_request_body_bytes
 

@@ -28,13 +28,16 @@ def render_chat(ctx: ServingContext, messages: list[ChatMessage],
                 add_generation_prompt: bool) -> list[int]:
     """Token ids of the conversation through the tokenizer's chat template."""
     tokenizer = ctx.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
+    template = ctx.chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
         raise bad_request(f"the model '{ctx.served_model_name}' has no chat template; use "
-                          "/v1/completions", param="messages", code="chat_template_missing")
+                          "/v1/completions or start the server with --chat-template",
+                          param="messages", code="chat_template_missing")
     conversation = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in messages]
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False,
+        text = tokenizer.apply_chat_template(conversation, chat_template=template,
+                                             tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     except Exception as e:  # a template can reject a conversation (e.g. role order)
         raise bad_request(f"the chat template rejected the messages: {e}",

@@ -29,6 +29,7 @@ class ServingContext:
     served_model_name: str
     max_queued_requests: int
     metrics: Any = None
+    chat_template: str | None = None
 
     _token_texts: TokenTexts | None = None
 

@@ -74,6 +74,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from server.bench.serve import main as bench_serve_main
+
+    return bench_serve_main(args)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from server import LLM, SamplingParams
 
@@ -122,7 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--continuation-only", action="store_true",
                      help="print only the generated text, not the prompt")
     gen.set_defaults(func=_generate)
-    for command in (serve, gen):
+    bench = sub.add_parser("bench", help="benchmarks (commands, not tests)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bserve = bench_sub.add_parser("serve", help="streaming load against any OpenAI-compatible "
+                                  "server")
+    bserve.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
+    bserve.add_argument("--model", required=True, help="model name the server expects")
+    bserve.add_argument("--num-prompts", type=int, default=64)
+    bserve.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    bserve.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
+    bserve.add_argument("--vocab-size", type=int, default=500,
+                        help="random prompt token ids are drawn below this")
+    load = bserve.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, default=None, help="requests in flight")
+    load.add_argument("--request-rate", type=float, default=None,
+                      help="Poisson arrivals per second (default: all at once)")
+    bserve.add_argument("--seed", type=int, default=0)
+    bserve.add_argument("--ignore-eos", action="store_true")
+    bserve.add_argument("--api-key", default=None)
+    bserve.add_argument("--json", default=None, metavar="FILE", help="also write the summary")
+    bserve.set_defaults(func=_bench_serve)
+    for command in (serve, gen, bserve):
         command.add_argument("--log-level", default="info",
                              choices=["debug", "info", "warning", "error"])
     return parser

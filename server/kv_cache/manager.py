@@ -14,7 +14,7 @@ def cdiv(a: int, b: int) -> int:
 
 @dataclass(slots=True)
 class PrefixCacheStats:
-    queries: int = 0  # prompt tokens looked up
+    queries: int = 0  # tokens looked up (a resumed request includes its output so far)
     hits: int = 0  # of those, tokens found in the cache
 
 

@@ -480,7 +480,7 @@ class KVCacheMachine(RuleBasedStateMachine):
     only a few rules are enabled.
     """
 
-    @initialize(num_blocks=st.integers(min_value=8, max_value=12),
+    @initialize(num_blocks=st.integers(min_value=8, max_value=10),
                 caching=st.integers(0, 3).map(bool),  # mostly with prefix caching
                 prompts=st.lists(st.tuples(st.sampled_from(PREFIXES), st.lists(VOCAB, max_size=8)),
                                  min_size=2, max_size=4))
@@ -667,6 +667,6 @@ class KVCacheMachine(RuleBasedStateMachine):
 
 
 KVCacheMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=50, deadline=None,
+    max_examples=100, stateful_step_count=80, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_kv_cache_state_machine = KVCacheMachine.TestCase

@@ -1,0 +1,1 @@
+"""Benchmark commands (`pagedserve bench ...`): measurements, never part of the test run."""

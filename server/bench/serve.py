@@ -1,0 +1,192 @@
+"""`pagedserve bench serve`: a streaming load generator for any OpenAI-compatible server.
+
+Random token-id prompts of exact length (fixed seed), one warm-up request, then either a fixed
+concurrency or a Poisson request rate. Reports completed/failed requests, request/s, output and
+total tok/s, and TTFT, TPOT, inter-token latency and end-to-end latency percentiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import httpx
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def tpot(self) -> float | None:
+        if self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+def percentiles(values: list[float], points=(50, 90, 99)) -> dict[str, float]:
+    if not values:
+        return {f"p{p}": float("nan") for p in points} | {"mean": float("nan")}
+    ordered = sorted(values)
+    out = {}
+    for p in points:
+        # nearest-rank on a linear interpolation between closest ranks
+        k = (len(ordered) - 1) * p / 100
+        lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+        out[f"p{p}"] = ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+    out["mean"] = statistics.fmean(ordered)
+    return out
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict:
+    done = [r for r in results if r.ok]
+    output_tokens = sum(r.output_tokens for r in done)
+    prompt_tokens = sum(r.prompt_tokens for r in done)
+    return {
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "duration_s": duration,
+        "request_throughput": len(done) / duration if duration > 0 else 0.0,
+        "output_throughput": output_tokens / duration if duration > 0 else 0.0,
+        "total_token_throughput": (output_tokens + prompt_tokens) / duration
+        if duration > 0 else 0.0,
+        "total_output_tokens": output_tokens,
+        "total_prompt_tokens": prompt_tokens,
+        "ttft_s": percentiles([r.ttft for r in done]),
+        "tpot_s": percentiles([t for r in done if (t := r.tpot) is not None]),
+        "itl_s": percentiles([x for r in done for x in r.itls]),
+        "e2e_s": percentiles([r.e2e for r in done]),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+    }
+
+
+def make_prompts(num: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    low = min(3, vocab_size - 1)
+    return [[rng.randrange(low, vocab_size) for _ in range(input_len)] for _ in range(num)]
+
+
+async def send(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> RequestResult:
+    start = time.perf_counter()
+    last = None
+    result = RequestResult(ok=False)
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                await response.aread()
+                result.error = f"HTTP {response.status_code}: {response.text[:200]}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = str(chunk["error"].get("message"))
+                    return result
+                if chunk.get("usage"):
+                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices"):
+                    now = time.perf_counter()
+                    if last is None:
+                        result.ttft = now - start
+                    else:
+                        result.itls.append(now - last)
+                    last = now
+        result.e2e = time.perf_counter() - start
+        result.ok = last is not None
+        if not result.ok:
+            result.error = "no tokens streamed"
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        result.error = f"{type(e).__name__}: {e}"
+    return result
+
+
+def request_body(model: str, prompt, output_len: int, ignore_eos: bool) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True},
+            "ignore_eos": ignore_eos}
+
+
+async def run(base_url: str, model: str, prompts: list, output_len: int, concurrency: int | None,
+              request_rate: float | None, ignore_eos: bool, api_key: str | None, seed: int,
+              progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    url = base_url.rstrip("/") + "/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+        warm = await send(client, url, request_body(model, prompts[0], 4, ignore_eos), headers)
+        if not warm.ok:
+            raise RuntimeError(f"the warm-up request failed: {warm.error}")
+        bar = tqdm(total=len(prompts), desc="bench serve", disable=not progress)
+        semaphore = asyncio.Semaphore(concurrency or len(prompts))
+        rng = random.Random(seed)
+
+        async def one(prompt) -> RequestResult:
+            async with semaphore:
+                result = await send(client, url, request_body(model, prompt, output_len,
+                                                              ignore_eos), headers)
+            bar.update(1)
+            return result
+
+        start = time.perf_counter()
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(one(prompt)))
+            if request_rate:
+                await asyncio.sleep(rng.expovariate(request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        bar.close()
+    summary = summarize(results, duration)
+    summary.update(model=model, num_prompts=len(prompts), output_len=output_len,
+                   concurrency=concurrency, request_rate=request_rate)
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    rows = [
+        ("completed / failed", f"{summary['completed']} / {summary['failed']}"),
+        ("duration (s)", f"{summary['duration_s']:.2f}"),
+        ("request/s", f"{summary['request_throughput']:.2f}"),
+        ("output tok/s", f"{summary['output_throughput']:.1f}"),
+        ("total tok/s", f"{summary['total_token_throughput']:.1f}"),
+    ]
+    for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"),
+                       ("e2e_s", "E2E")):
+        p = summary[key]
+        rows.append((f"{label} p50/p90/p99 (ms)",
+                     f"{1e3 * p['p50']:.1f} / {1e3 * p['p90']:.1f} / {1e3 * p['p99']:.1f}"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main(args) -> int:
+    prompts = make_prompts(args.num_prompts, args.input_len, args.vocab_size, args.seed)
+    summary = asyncio.run(run(args.base_url, args.model, prompts, args.output_len,
+                              args.concurrency, args.request_rate, args.ignore_eos,
+                              args.api_key, args.seed))
+    print(format_table(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0 if summary["failed"] == 0 else 1
+
+
+__all__ = ["RequestResult", "asdict", "format_table", "main", "percentiles", "run",
+           "summarize"]

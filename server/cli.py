@@ -66,7 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_queued_requests=args.max_queued_requests,
         allowed_origins=tuple(args.allowed_origins or ()),
         max_request_body_bytes=args.max_request_body_bytes, log_level=args.log_level,
-        shutdown_timeout=args.shutdown_timeout, chat_template=_read_template(args.chat_template))
+        shutdown_timeout=args.shutdown_timeout, chat_template=_read_template(args.chat_template),
+        engine_mode=args.engine_mode)
     app = build_app(engine_config, server_config)
     uvicorn.run(app, host=server_config.host, port=server_config.port,
                 log_level=server_config.log_level,
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds in-flight requests get to finish after SIGTERM")
     serve.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
                        help="chat template (a file or the Jinja text) for models without one")
+    serve.add_argument("--engine-mode", default="thread", choices=["thread", "process"],
+                       help="run the engine loop in a thread of the server process or in a "
+                            "process of its own")
     serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate offline from one or more prompts")
     add_engine_args(gen)

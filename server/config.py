@@ -99,6 +99,7 @@ class ServerConfig:
     log_level: str = "info"
     shutdown_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
     chat_template: str | None = None  # Jinja text; None: the tokenizer's own
+    engine_mode: str = "thread"  # where the engine loop runs: "thread" or "process"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -109,3 +110,5 @@ class ServerConfig:
             raise ValueError("max_request_body_bytes must be >= 1024")
         if self.shutdown_timeout < 0:
             raise ValueError("shutdown_timeout must be >= 0")
+        if self.engine_mode not in ("thread", "process"):
+            raise ValueError(f"engine_mode must be 'thread' or 'process', got {self.engine_mode!r}")

@@ -29,7 +29,7 @@ from server.api.serving_chat import create_chat_completion, render_chat
 from server.api.serving_common import ServingContext
 from server.api.serving_completion import create_completion
 from server.config import EngineConfig, ServerConfig
-from server.engine.async_client import AsyncEngine
+from server.engine.async_client import AsyncEngineClient, make_engine_client
 
 _PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
@@ -57,11 +57,12 @@ async def read_body(request: Request, model: type[BaseModel], limit: int) -> Bas
 
 
 def build_app(engine_config: EngineConfig, server_config: ServerConfig,
-              engine: AsyncEngine | None = None) -> FastAPI:
+              engine: AsyncEngineClient | None = None) -> FastAPI:
     name = served_name(engine_config, server_config)
     metrics = Metrics(name)
     if engine is None:
-        engine = AsyncEngine(engine_config, step_listener=metrics.on_step)
+        engine = make_engine_client(engine_config, server_config.engine_mode,
+                                    step_listener=metrics.on_step)
     ctx = ServingContext(engine, name, server_config.max_queued_requests, metrics,
                          chat_template=server_config.chat_template)
     created = int(time.time())

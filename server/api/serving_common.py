@@ -16,7 +16,7 @@ from fastapi import Request
 from server.api.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenTexts
 from server.api.errors import APIError, bad_request
 from server.api.protocol import _SamplingFields
-from server.engine.async_client import AsyncEngine, RequestStream
+from server.engine.async_client import AsyncEngineClient, RequestStream
 from server.engine.sampling_params import SamplingParams
 from server.scheduler.output import EngineCoreOutput, SampleResult
 
@@ -25,7 +25,7 @@ from server.scheduler.output import EngineCoreOutput, SampleResult
 class ServingContext:
     """What a handler needs besides the request: the engine and the server's settings."""
 
-    engine: AsyncEngine
+    engine: AsyncEngineClient
     served_model_name: str
     max_queued_requests: int
     metrics: Any = None
@@ -58,7 +58,7 @@ class ServingContext:
                            code="rate_limit_exceeded", headers={"Retry-After": "1"})
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
-        vocab = self.engine.engine.arch.vocab_size if self.engine.engine else 0
+        vocab = self.engine.vocab_size
         bad = next((t for t in token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise bad_request(f"token id {bad} is out of range [0, {vocab})", param=param)

@@ -1,23 +1,35 @@
-"""Drives EngineCore from its own thread for the async API: per-request asyncio queues in,
-token ids out, abort on disconnect. The event loop thread never runs an engine step."""
+"""The engine client of the async API: per-request asyncio queues, token ids in and out, abort
+on disconnect. The engine loop never runs on the event loop's thread: `ThreadEngineClient` runs
+it in a thread of this process, `ProcessEngineClient` in a process of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from pathlib import Path
 
 from server.config import EngineConfig
 from server.engine.core import EngineCore, EngineStats
+from server.engine.engine_loop import (
+    AbortCommand,
+    AddCommand,
+    Command,
+    StepReport,
+    StopCommand,
+    run_engine_loop,
+)
 from server.engine.sampling_params import SamplingParams
 from server.engine.tokenizer import load_tokenizer
 from server.scheduler.output import EngineCoreOutput
 
 logger = logging.getLogger(__name__)
+
+ENGINE_MODES = ("thread", "process")
 
 
 class EngineNotReadyError(RuntimeError):
@@ -28,58 +40,46 @@ class EngineDeadError(RuntimeError):
     pass
 
 
-@dataclass(slots=True)
-class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_time: float
-
-
 StepListener = Callable[[list[EngineCoreOutput], EngineStats, float], None]
 
 
-class AsyncEngine:
-    """Owns the engine thread. Construct, then `start()`; the model loads in that thread, and
-    `ready` turns true once it can serve (`error` holds why it never will)."""
+class AsyncEngineClient:
+    """The API side. Subclasses start the engine loop somewhere and feed `_on_report`;
+    `ready` turns true once the model is loaded (`error` holds why it never will)."""
 
     def __init__(self, config: EngineConfig, step_listener: StepListener | None = None) -> None:
         self.config = config
-        self.engine: EngineCore | None = None
         self.tokenizer = None
         self.ready = False
         self.error: BaseException | None = None
+        self.max_model_len = 0
+        self.vocab_size = 0
         self._step_listener = step_listener
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, asyncio.Queue] = {}
-        self._commands: deque[_Add | tuple[str, int | None]] = deque()  # a tuple aborts
-        self._wakeup = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._stats: EngineStats | None = None
-        # Each counter is written by one thread only; their difference is the adds in flight.
+        # Written by the event loop / the engine side respectively: their difference is the
+        # adds still on their way into the engine.
         self._num_adds_submitted = 0
         self._num_adds_applied = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._thread.start()
+        self._start()
+
+    def _start(self) -> None:
+        raise NotImplementedError
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        self._stopping = True
-        self._wakeup.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        raise NotImplementedError
+
+    def _submit(self, command: Command) -> None:
+        raise NotImplementedError
 
     @property
     def alive(self) -> bool:
-        return self.ready and self._thread.is_alive()
-
-    @property
-    def max_model_len(self) -> int:
-        assert self.engine is not None
-        return self.engine.max_model_len
+        raise NotImplementedError
 
     def stats(self) -> EngineStats | None:
         return self._stats
@@ -91,7 +91,12 @@ class AsyncEngine:
         pending = self._num_adds_submitted - self._num_adds_applied
         return (stats.num_waiting if stats else 0) + pending
 
-    # ------------------------------------------------------------------ API side (event loop)
+    def _loaded(self, model_dir: Path, max_model_len: int, vocab_size: int) -> None:
+        self.tokenizer = load_tokenizer(model_dir)
+        self.max_model_len, self.vocab_size = max_model_len, vocab_size
+        self.ready = True
+
+    # ------------------------------------------------------------------ event loop side
     def generate(self, request_id: str, prompt_token_ids: list[int],
                  params: SamplingParams) -> RequestStream:
         """Submit a request; iterate the returned stream for its outputs."""
@@ -102,99 +107,50 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._num_adds_submitted += 1
-        self._commands.append(_Add(request_id, prompt_token_ids, params, time.monotonic()))
-        self._wakeup.set()
+        self._submit(AddCommand(request_id, prompt_token_ids, params, time.monotonic()))
         return RequestStream(self, request_id, params.n, queue)
 
     def abort(self, request_id: str, index: int | None = None) -> None:
-        self._commands.append((request_id, index))
-        self._wakeup.set()
+        self._submit(AbortCommand(request_id, index))
 
     def _release(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
 
-    # ------------------------------------------------------------------ engine thread
-    def _deliver(self, request_id: str, item: EngineCoreOutput | BaseException) -> None:
-        queue = self._queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(item)
+    def _deliver(self, items: list[tuple[str, EngineCoreOutput | BaseException]]) -> None:
+        for request_id, item in items:
+            queue = self._queues.get(request_id)
+            if queue is not None:
+                queue.put_nowait(item)
 
-    def _post(self, items: list[tuple[str, EngineCoreOutput | BaseException]]) -> None:
-        if items and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(lambda: [self._deliver(r, i) for r, i in items])
-
-    def _apply_commands(self, engine: EngineCore) -> None:
-        failed: list[tuple[str, EngineCoreOutput | BaseException]] = []
-        while self._commands:
-            command = self._commands.popleft()
-            if isinstance(command, tuple):
-                engine.abort_request(*command)
-                continue
-            self._num_adds_applied += 1
-            try:
-                engine.add_request(command.request_id, command.prompt_token_ids,
-                                   command.params, arrival_time=command.arrival_time)
-            except ValueError as e:
-                failed.append((command.request_id, e))
-        self._post(failed)
-
-    def _run(self) -> None:
-        try:
-            self.engine = EngineCore(self.config)
-            self.tokenizer = load_tokenizer(self.engine.model_dir)
-            self._stats = self.engine.stats()
-            self.ready = True
-        except BaseException as e:  # reported through `error` and /health
-            logger.error("engine start-up failed: %s", e)
-            self.error = e
-            return
-        engine = self.engine
-        while not self._stopping:
-            if self._commands:
-                self._apply_commands(engine)
-                self._publish_stats(engine, [], 0.0)
-            if not engine.has_unfinished_requests():
-                self._wakeup.wait(timeout=1.0)
-                self._wakeup.clear()
-                continue
-            start = time.monotonic()
-            try:
-                outputs = engine.step()
-            except Exception as e:  # a bug: fail the requests in flight, keep serving others
-                logger.exception("engine step failed")
-                self._fail_all(engine, e)
-                continue
-            self._publish_stats(engine, outputs, time.monotonic() - start)
-            self._post([(o.request_id, o) for o in outputs])
-
-    def _publish_stats(self, engine: EngineCore, outputs: list[EngineCoreOutput],
-                       step_time: float) -> None:
-        self._stats = engine.stats()
+    # ------------------------------------------------------------------ engine side
+    def _on_report(self, report: StepReport) -> None:
+        """Called from the engine thread (or the process's reader thread)."""
+        self._stats = report.stats
+        self._num_adds_applied = report.num_adds_applied
         if self._step_listener is not None:
-            self._step_listener(outputs, self._stats, step_time)
-
-    def _fail_all(self, engine: EngineCore, error: Exception) -> None:
-        request_ids = engine.unfinished_request_ids()
-        for request_id in request_ids:
-            engine.abort_request(request_id)
-        failure = EngineDeadError(f"internal engine error: {error}")
-        self._post([(r, failure) for r in request_ids])
+            self._step_listener(report.outputs, report.stats, report.step_time)
+        items: list[tuple[str, EngineCoreOutput | BaseException]] = [
+            (o.request_id, o) for o in report.outputs]
+        items += [(r, ValueError(m)) for r, m in report.failed]
+        items += [(r, EngineDeadError(m)) for r, m in report.crashed]
+        if items and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, items)
 
 
 class RequestStream:
     """One request's outputs, until each of its n completions finished (or was finished early
     by the API with `finish_choice`). Closing it early aborts whatever still runs."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, n: int,
+    def __init__(self, client: AsyncEngineClient, request_id: str, n: int,
                  queue: asyncio.Queue) -> None:
-        self._engine, self.request_id, self.n, self._queue = engine, request_id, n, queue
+        self._client, self.request_id, self.n, self._queue = client, request_id, n, queue
         self._finished: set[int] = set()
 
     def finish_choice(self, index: int) -> None:
         """Stop completion `index` now (a stop string matched on the API side)."""
         if index not in self._finished:
             self._finished.add(index)
-            self._engine.abort(self.request_id, index)
+            self._client.abort(self.request_id, index)
 
     async def __aiter__(self) -> AsyncIterator[EngineCoreOutput]:
         try:
@@ -208,6 +164,133 @@ class RequestStream:
                     self._finished.add(item.index)
                 yield item
         finally:
-            self._engine._release(self.request_id)
+            self._client._release(self.request_id)
             if len(self._finished) < self.n:
-                self._engine.abort(self.request_id)
+                self._client.abort(self.request_id)
+
+
+class ThreadEngineClient(AsyncEngineClient):
+    """The engine loop in a thread of this process."""
+
+    def __init__(self, config: EngineConfig, step_listener: StepListener | None = None) -> None:
+        super().__init__(config, step_listener)
+        self._commands: deque[Command] = deque()
+        self._wakeup = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def _start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._submit(StopCommand())
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.ready and self._thread.is_alive()
+
+    def _submit(self, command: Command) -> None:
+        self._commands.append(command)
+        self._wakeup.set()
+
+    def _receive(self, block: bool) -> list[Command]:
+        if block and not self._commands:
+            self._wakeup.wait()
+        self._wakeup.clear()
+        commands = []
+        while self._commands:
+            commands.append(self._commands.popleft())
+        return commands
+
+    def _run(self) -> None:
+        try:
+            engine = EngineCore(self.config)
+            self._loaded(engine.model_dir, engine.max_model_len, engine.arch.vocab_size)
+            self._stats = engine.stats()
+        except BaseException as e:  # reported through `error` and /health
+            logger.error("engine start-up failed: %s", e)
+            self.error = e
+            return
+        run_engine_loop(engine, self._receive, self._on_report)
+
+
+def _engine_process_main(config: EngineConfig, conn) -> None:
+    """Entry point of the engine process: load, report, then serve commands over `conn`."""
+    try:
+        engine = EngineCore(config)
+    except BaseException as e:  # noqa: BLE001 - sent to the parent, which reports it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", (str(engine.model_dir), engine.max_model_len, engine.arch.vocab_size,
+                         engine.stats())))
+
+    def receive(block: bool) -> list[Command]:
+        commands = []
+        if block:
+            commands.extend(conn.recv())
+        while conn.poll():
+            commands.extend(conn.recv())
+        return commands
+
+    run_engine_loop(engine, receive, lambda report: conn.send(("report", report)))
+
+
+class ProcessEngineClient(AsyncEngineClient):
+    """The engine loop in a process of its own; commands and reports travel over a pipe."""
+
+    def __init__(self, config: EngineConfig, step_listener: StepListener | None = None) -> None:
+        super().__init__(config, step_listener)
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_engine_process_main, args=(config, child_conn),
+                                        name="pagedserve-engine", daemon=True)
+        self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+        self._send_lock = threading.Lock()
+
+    def _start(self) -> None:
+        self._process.start()
+        self._reader.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._process.is_alive():
+            try:
+                self._submit(StopCommand())
+            except OSError:
+                pass
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.terminate()
+
+    @property
+    def alive(self) -> bool:
+        return self.ready and self._process.is_alive()
+
+    def _submit(self, command: Command) -> None:
+        with self._send_lock:
+            self._conn.send([command])
+
+    def _read(self) -> None:
+        try:
+            kind, payload = self._conn.recv()
+            if kind == "error":
+                raise RuntimeError(payload)
+            model_dir, max_model_len, vocab_size, stats = payload
+            self._stats = stats
+            self._loaded(Path(model_dir), max_model_len, vocab_size)
+            while True:
+                kind, report = self._conn.recv()
+                self._on_report(report)
+        except EOFError:
+            return
+        except BaseException as e:  # reported through `error` and /health
+            logger.error("engine start-up failed: %s", e)
+            self.error = e
+
+
+def make_engine_client(config: EngineConfig, mode: str = "thread",
+                       step_listener: StepListener | None = None) -> AsyncEngineClient:
+    if mode not in ENGINE_MODES:
+        raise ValueError(f"engine mode must be one of {', '.join(ENGINE_MODES)}, got {mode!r}")
+    cls = ThreadEngineClient if mode == "thread" else ProcessEngineClient
+    return cls(config, step_listener)

@@ -1,0 +1,89 @@
+"""The engine side of the async client: apply adds and aborts, step, report. The same loop runs
+in an engine thread or in an engine process; only how commands arrive and results leave differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from server.engine.core import EngineCore, EngineStats
+from server.engine.sampling_params import SamplingParams
+from server.scheduler.output import EngineCoreOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class AddCommand:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+
+
+@dataclass(slots=True)
+class AbortCommand:
+    request_id: str
+    index: int | None = None  # None: every completion of the request
+
+
+@dataclass(slots=True)
+class StopCommand:
+    pass
+
+
+Command = AddCommand | AbortCommand | StopCommand
+
+
+@dataclass(slots=True)
+class StepReport:
+    """What the engine side sends back after applying commands and/or stepping."""
+
+    outputs: list[EngineCoreOutput]
+    stats: EngineStats
+    step_time: float
+    num_adds_applied: int  # running total, so the client knows how many adds are still queued
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (request_id, message)
+    crashed: list[tuple[str, str]] = field(default_factory=list)  # requests failed by a bug
+
+
+def run_engine_loop(engine: EngineCore, receive: Callable[[bool], list[Command]],
+                    emit: Callable[[StepReport], None]) -> None:
+    """`receive(block)` returns the commands that arrived (waiting for one when `block`);
+    `emit` ships a report. Returns after a StopCommand."""
+    num_applied = 0
+    while True:
+        commands = receive(not engine.has_unfinished_requests())
+        failed: list[tuple[str, str]] = []
+        for command in commands:
+            if isinstance(command, StopCommand):
+                return
+            if isinstance(command, AbortCommand):
+                engine.abort_request(command.request_id, command.index)
+                continue
+            num_applied += 1
+            try:
+                engine.add_request(command.request_id, command.prompt_token_ids,
+                                   command.params, arrival_time=command.arrival_time)
+            except ValueError as e:
+                failed.append((command.request_id, str(e)))
+        if commands and not engine.has_unfinished_requests():
+            emit(StepReport([], engine.stats(), 0.0, num_applied, failed))
+            continue
+        if not engine.has_unfinished_requests():
+            continue
+        start = time.monotonic()
+        crashed: list[tuple[str, str]] = []
+        try:
+            outputs = engine.step()
+        except Exception as e:  # a bug: fail the requests in flight, keep serving others
+            logger.exception("engine step failed")
+            outputs = []
+            for request_id in engine.unfinished_request_ids():
+                engine.abort_request(request_id)
+                crashed.append((request_id, f"internal engine error: {e}"))
+        emit(StepReport(outputs, engine.stats(), time.monotonic() - start, num_applied, failed,
+                        crashed))

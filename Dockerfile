@@ -40,7 +40,9 @@ RUN if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then \
     && python3 --version
 
 # ---------------------------------------------------------------------------------------------
-FROM base AS build
+# The dependencies, in a venv that only pyproject.toml and the wheelhouse change: editing the
+# source neither reinstalls torch nor makes a new 1 GB layer in the final image.
+FROM base AS deps
 
 ARG TORCH_VERSION=2.13.0
 # What to ask pip for: e.g. "torch==2.13.0+cpu", or a CUDA build's version.
@@ -56,8 +58,6 @@ ENV PATH=/opt/venv/bin:$PATH \
 # /wheelhouse next to a copy of pyproject.toml (the dependency list, read below).
 COPY pyproject.toml .wheelhouse* /wheelhouse/
 
-# Dependencies first (torch first of all), in a layer that only pyproject.toml and the wheelhouse
-# invalidate, so that editing the source doesn't reinstall torch.
 RUN set -eu; \
     if ls /wheelhouse/*.whl >/dev/null 2>&1; then \
         echo "pip: offline, from the build context's .wheelhouse ($(ls /wheelhouse/*.whl | wc -l) wheels)"; \
@@ -75,34 +75,45 @@ RUN set -eu; \
     python -c "import tomllib; deps = tomllib.load(open('/wheelhouse/pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps) + chr(10))"; \
     pip install -r /tmp/requirements.txt "$TORCH_SPEC"
 
-# The package itself (a regular, non-editable install: the bundled model is package data).
+# ---------------------------------------------------------------------------------------------
+# The package itself as a wheel (setuptools comes from the wheelhouse or PyPI as well).
+FROM deps AS wheel
 COPY pyproject.toml README.md /src/
 COPY server /src/server
 COPY kernels /src/kernels
-RUN pip install "/src" \
-    && python -c "import torch, server; print('torch', torch.__version__, '| pagedserve', server.__file__)" \
-    && pagedserve --help >/dev/null
+RUN pip wheel --no-deps --wheel-dir /dist /src
 
 # ---------------------------------------------------------------------------------------------
 FROM base
+
+LABEL org.opencontainers.image.title="pagedserve" \
+      org.opencontainers.image.description="OpenAI-compatible LLM inference server with a paged KV cache" \
+      org.opencontainers.image.licenses="MIT"
 
 RUN useradd --create-home --home-dir /home/pagedserve --uid 10001 --user-group \
         --shell /usr/sbin/nologin pagedserve \
     && mkdir -p /models
 
-COPY --from=build /opt/venv /opt/venv
-
 # HF_HUB_OFFLINE: models are only ever read from local directories (mount them, e.g. at /models).
 ENV PATH=/opt/venv/bin:$PATH \
-    HF_HUB_OFFLINE=1 \
-    HOME=/home/pagedserve
+    HF_HUB_OFFLINE=1
 
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=wheel /dist /tmp/dist
+# A regular, non-editable install (the bundled model is package data).
+RUN pip install --no-index --no-deps /tmp/dist/*.whl \
+    && rm -rf /tmp/dist \
+    && python -c "import torch, server; print('torch', torch.__version__, '| pagedserve', server.__file__)" \
+    && pagedserve --help >/dev/null
+
+ENV HOME=/home/pagedserve
 USER pagedserve
 WORKDIR /home/pagedserve
 
 EXPOSE 8000
 
-# /health answers 200 once the model is loaded. Assumes the default port 8000 inside the container.
+# /health answers 200 once the model is loaded (503 while loading or after a failed load).
+# Assumes the default port 8000 inside the container.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 

@@ -230,6 +230,8 @@ if ! compose build pagedserve >"$CACHE_DIR/build.log" 2>&1; then
     tail -60 "$CACHE_DIR/build.log"
     die "image build failed"
 fi
+# Images that rebuilds left untagged (only ours: the label is set by the Dockerfile).
+docker image prune -f --filter label=org.opencontainers.image.title=pagedserve >/dev/null
 log "image $PAGEDSERVE_IMAGE: $(docker image inspect --format '{{.Size}}' "$PAGEDSERVE_IMAGE" | awk '{printf "%.0f MB", $1 / 1e6}')"
 
 # Offline smoke of the image itself (no server): the bundled model generates text.

@@ -111,6 +111,20 @@ command -v python3 >/dev/null || die "python3 is needed on the host (to prepare 
 
 # --- 2. dockerd -------------------------------------------------------------------------------
 if ! docker info >/dev/null 2>&1; then
+    # A pid file left by a dockerd that was killed (its pid maybe reused) stops a new one starting.
+    if [ -f /var/run/docker.pid ]; then
+        oldpid=$(cat /var/run/docker.pid)
+        if [ "$(cat "/proc/$oldpid/comm" 2>/dev/null)" = dockerd ] \
+                && [ "$(awk '{print $3}' "/proc/$oldpid/stat" 2>/dev/null)" != Z ]; then
+            log "dockerd (pid $oldpid) is running; waiting for it to answer"
+            for _ in $(seq 1 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
+            docker info >/dev/null 2>&1 || die "dockerd (pid $oldpid) runs but \`docker info\` fails"
+        else
+            rm -f /var/run/docker.pid
+        fi
+    fi
+fi
+if ! docker info >/dev/null 2>&1; then
     log "starting dockerd (log: $CACHE_DIR/dockerd.log)"
     setsid dockerd >"$CACHE_DIR/dockerd.log" 2>&1 </dev/null &
     STARTED_DOCKERD=$!

@@ -1,7 +1,8 @@
-"""Attention over a paged KV cache. Imports torch only (triton arrives with the GPU kernels).
+"""Attention over a paged KV cache. Imports torch and, when installed, triton.
 
-Every entry point takes `backend`: "auto" picks the best implementation for the tensors' device
-(today the torch path everywhere), "torch" forces the torch path.
+Every entry point takes `backend`: "auto" (CUDA tensors -> Triton, anything else -> torch),
+"triton" (forces the Triton kernels; on CPU tensors they run under TRITON_INTERPRET=1), or
+"torch" (the torch implementation in `kernels.reference`).
 """
 
 from __future__ import annotations
@@ -10,26 +11,46 @@ import torch
 
 from kernels import reference
 
-_BACKENDS = ("auto", "torch")
+try:  # the Triton modules; bound to private names, the entry points below keep the public ones
+    from kernels import paged_attention as _triton_attention
+    from kernels import reshape_and_cache as _triton_cache
+except ImportError:  # no triton: the torch path only
+    _triton_attention = _triton_cache = None
+
+BACKENDS = ("auto", "torch", "triton")
 
 
 def _resolve(backend: str, tensor: torch.Tensor) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
-    return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if tensor.is_cuda and _triton_attention is not None else "torch"
+    if backend == "triton" and _triton_attention is None:
+        raise ValueError("backend 'triton' needs the triton package, which is not installed")
+    return backend
 
 
-def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, backend: str = "auto"):
-    _resolve(backend, key)
+def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping,
+                      backend: str = "auto") -> None:
+    """Write K/V `[num_tokens, num_kv_heads, head_dim]` into the caches
+    `[num_blocks, block_size, num_kv_heads, head_dim]` at `slot_mapping` (negative: skip)."""
+    if _resolve(backend, key) == "triton":
+        return _triton_cache.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
     return reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
 def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-                    scale, out=None, sliding_window=None, backend: str = "auto"):
-    _resolve(backend, query)
+                    scale, out=None, sliding_window=None, backend: str = "auto",
+                    num_splits: int | None = None):
+    """Causal attention of a flattened batch over the paged cache; see kernels.reference.
+    `num_splits` (Triton only): None picks split-KV automatically, 1 turns it off."""
+    if _resolve(backend, query) == "triton":
+        return _triton_attention.paged_attention(
+            query, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
+            out=out, sliding_window=sliding_window, num_splits=num_splits)
     return reference.paged_attention(query, key_cache, value_cache, block_table, seq_lens,
                                      query_start_loc, scale, out=out,
                                      sliding_window=sliding_window)
 
 
-__all__ = ["paged_attention", "reshape_and_cache", "reference"]
+__all__ = ["BACKENDS", "paged_attention", "reshape_and_cache", "reference"]

@@ -284,6 +284,30 @@ def choose_num_splits(num_tokens: int, num_seqs: int, num_kv_heads: int, max_blo
     return DEFAULT_NUM_SPLITS
 
 
+def kernel_constexprs(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                      sliding_window: int | None, upcast: bool,
+                      num_splits: int = 1) -> dict[str, int | bool]:
+    """The compile-time parameters the wrapper passes for these shapes (also what the
+    ahead-of-time compile test builds): the single-pass kernel's when num_splits == 1, else the
+    split kernel's."""
+    group = num_heads // num_kv_heads
+    common = dict(GROUP=group, HEAD_DIM=head_dim,
+                  DIM_PAD=max(triton.next_power_of_2(head_dim), 16), BLOCK_SIZE=block_size,
+                  SLIDING_WINDOW=int(sliding_window or 0), UPCAST=upcast)
+    if num_splits > 1:
+        return dict(NUM_HEADS=num_heads, **common,
+                    BLOCK_M=max(triton.next_power_of_2(group), MIN_BLOCK_M),
+                    NUM_SPLITS=triton.next_power_of_2(num_splits))
+    block_m = max(MIN_BLOCK_M, triton.next_power_of_2(group))
+    return dict(**common, BLOCK_Q=block_m // group, BLOCK_M=block_m)
+
+
+def reduce_constexprs(num_heads: int, head_dim: int, num_splits: int) -> dict[str, int]:
+    return dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+                DIM_PAD=max(triton.next_power_of_2(head_dim), 16),
+                NUM_SPLITS=triton.next_power_of_2(num_splits))
+
+
 def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
                     scale: float, out=None, sliding_window: int | None = None,
                     num_splits: int | None = None) -> torch.Tensor:
@@ -293,44 +317,38 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     num_seqs, max_blocks = block_table.shape
+    if block_size < 16:
+        raise ValueError(f"the Triton kernel needs block_size >= 16, got {block_size}")
     if out is None:
         out = torch.empty_like(query)
     if num_tokens == 0:
         return out
-    group = num_heads // num_kv_heads
-    dim_pad = max(triton.next_power_of_2(head_dim), 16)
-    window = int(sliding_window or 0)
     upcast = _interpreting() and query.dtype != torch.float32
     if num_splits is None:
         num_splits = choose_num_splits(num_tokens, num_seqs, num_kv_heads, max_blocks,
                                        block_size)
+    meta = kernel_constexprs(num_heads, num_kv_heads, head_dim, block_size, sliding_window,
+                             upcast, num_splits)
     if num_splits > 1:
         if num_tokens != num_seqs:
             raise ValueError("split-KV needs a decode-only batch (one query token per sequence)")
-        num_splits = triton.next_power_of_2(num_splits)
-        block_m = max(triton.next_power_of_2(group), MIN_BLOCK_M)
-        partial_out = torch.empty((num_seqs, num_heads, num_splits, dim_pad),
+        splits, dim_pad = meta["NUM_SPLITS"], meta["DIM_PAD"]
+        partial_out = torch.empty((num_seqs, num_heads, splits, dim_pad),
                                   dtype=torch.float32, device=query.device)
-        partial_max = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32,
+        partial_max = torch.empty((num_seqs, num_heads, splits), dtype=torch.float32,
                                   device=query.device)
         partial_sum = torch.empty_like(partial_max)
-        paged_attention_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        paged_attention_split_kernel[(num_seqs, num_kv_heads, splits)](
             partial_out, partial_max, partial_sum, query, key_cache, value_cache, block_table,
             seq_lens, scale, *query.stride(), block_table.stride(0), *key_cache.stride(),
-            NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
-            BLOCK_SIZE=block_size, BLOCK_M=block_m, NUM_SPLITS=num_splits,
-            SLIDING_WINDOW=window, UPCAST=upcast)
+            **meta)
         reduce_splits_kernel[(num_seqs, num_heads)](
             out, partial_out, partial_max, partial_sum, *out.stride(),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad, NUM_SPLITS=num_splits)
+            **reduce_constexprs(num_heads, head_dim, splits))
         return out
-    block_m = max(MIN_BLOCK_M, triton.next_power_of_2(group))
-    block_q = block_m // group
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    grid = (num_tokens // meta["BLOCK_Q"] + num_seqs, num_kv_heads)
     paged_attention_kernel[grid](
         out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
         num_seqs, scale, *query.stride(), *out.stride(), block_table.stride(0),
-        *key_cache.stride(),
-        GROUP=group, HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size,
-        BLOCK_Q=block_q, BLOCK_M=block_m, SLIDING_WINDOW=window, UPCAST=upcast)
+        *key_cache.stride(), **meta)
     return out

@@ -65,6 +65,12 @@ def _check(key, value, key_cache, value_cache, slot_mapping) -> None:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
+def kernel_constexprs(num_kv_heads: int, head_dim: int, block_size: int) -> dict[str, int]:
+    return dict(NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+                HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+                DIM_PAD=triton.next_power_of_2(head_dim))
+
+
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                       value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     _check(key, value, key_cache, value_cache, slot_mapping)
@@ -75,7 +81,5 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     reshape_and_cache_kernel[(num_tokens,)](
         key, value, key_cache, value_cache, slot_mapping,
         *key.stride(), *value.stride(), *key_cache.stride(),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        DIM_PAD=triton.next_power_of_2(head_dim),
+        **kernel_constexprs(num_kv_heads, head_dim, block_size),
     )

@@ -17,6 +17,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "float32", "float16", "bfloat16"],
                         help="weight and activation dtype; auto takes config.json's")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--attention-backend", default="auto",
+                        choices=["auto", "torch", "triton"],
+                        help="attention kernels: auto is Triton on CUDA and torch elsewhere")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the sampler for requests without their own seed")
     parser.add_argument("--max-model-len", type=int, default=None,
@@ -35,6 +38,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+                attention_backend=args.attention_backend,
                 max_model_len=args.max_model_len, block_size=args.block_size,
                 kv_cache_memory=args.kv_cache_memory,
                 enable_prefix_caching=args.enable_prefix_caching,

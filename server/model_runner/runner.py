@@ -107,6 +107,7 @@ class ModelRunner:
             seq_lens=seq_lens.to(dev),
             block_table=table.to(dev),
             slot_mapping=slot_mapping.to(dev),
+            attention_backend=self.config.model.attention_backend,
         )
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         return input_ids, positions.to(dev), md

@@ -85,6 +85,12 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return bench_serve_main(args)
 
 
+def _bench_kernels(args: argparse.Namespace) -> int:
+    from server.bench.kernels import main as bench_kernels_main
+
+    return bench_kernels_main(args)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from server import LLM, SamplingParams
 
@@ -156,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--api-key", default=None)
     bserve.add_argument("--json", default=None, metavar="FILE", help="also write the summary")
     bserve.set_defaults(func=_bench_serve)
-    for command in (serve, gen, bserve):
+    bkernels = bench_sub.add_parser("kernels", help="Triton kernel correctness and speed "
+                                    "on CUDA")
+    from server.bench.kernels import add_arguments as add_kernel_bench_arguments
+
+    add_kernel_bench_arguments(bkernels)
+    bkernels.set_defaults(func=_bench_kernels)
+    for command in (serve, gen, bserve, bkernels):
         command.add_argument("--log-level", default="info",
                              choices=["debug", "info", "warning", "error"])
     return parser

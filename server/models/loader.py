@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,15 @@ class _WeightLoader:
             raise ModelLoadError(f"the checkpoint in {model_dir} lacks tensors: {shown}")
 
 
+def _open_weights(path: Path):
+    if not os.access(path, os.R_OK):
+        raise ModelLoadError(f"cannot read the weights file {path}: permission denied")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ModelLoadError(f"cannot read the weights file {path}: {e}") from None
+
+
 def load_model(model_dir: Path, arch: ArchConfig, dtype: torch.dtype, device: torch.device,
                max_position: int) -> nn.Module:
     model_cls = resolve_model_class(arch.architecture)
@@ -127,12 +137,11 @@ def load_model(model_dir: Path, arch: ArchConfig, dtype: torch.dtype, device: to
     loader = _WeightLoader(model)
     names: list[tuple[Path, str]] = []
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            names.extend((path, name) for name in f.keys())
+        names.extend((path, name) for name in _open_weights(path).keys())
     current: tuple[Path, object] | None = None
     for path, name in tqdm(names, desc="Loading weights", unit="tensor", leave=False):
         if current is None or current[0] != path:
-            current = (path, safe_open(str(path), framework="pt"))
+            current = (path, _open_weights(path))
         loader.load(name, current[1].get_tensor(name))  # type: ignore[attr-defined]
     loader.check_complete(model_dir)
     return model.eval()

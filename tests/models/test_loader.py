@@ -113,3 +113,9 @@ def test_kv_cache_too_small_for_one_sequence(model_dirs):
 def test_max_model_len_beyond_the_model(model_dirs):
     with pytest.raises(ModelLoadError, match="max_position_embeddings=256"):
         LLM(str(model_dirs["llama"]), kv_cache_memory=SMALL_CACHE, max_model_len=1000)
+
+
+def test_damaged_weights_file(llama_dir):
+    (llama_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="cannot read the weights file"):
+        LLM(str(llama_dir), kv_cache_memory=SMALL_CACHE)

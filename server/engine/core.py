@@ -78,6 +78,9 @@ class EngineCore:
         max_tokens = min(sampling_params.max_tokens or room, room)
         n = sampling_params.n
         child_ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+        taken = next((c for c in child_ids if c in self._child_to_parent), None)
+        if taken is not None:
+            raise ValueError(f"request id {taken!r} is already in the engine")
         children = []
         for index, child_id in enumerate(child_ids):
             params = sampling_params

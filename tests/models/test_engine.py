@@ -162,8 +162,13 @@ def test_engine_core_is_usable_without_llm(model_dirs):
     engine.add_request("a", [1, 5, 9], SamplingParams(max_tokens=3, temperature=0))
     with pytest.raises(ValueError, match="already"):
         engine.add_request("a", [1, 5, 9], SamplingParams())
+    engine.add_request("b#1", [1, 5], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="'b#1' is already"):
+        engine.add_request("b", [1, 5], SamplingParams(n=2, max_tokens=1))
+    assert engine.unfinished_request_ids() == ["a", "b#1"]
     outputs = []
     while engine.has_unfinished_requests():
         outputs.extend(engine.step())
+    outputs = [o for o in outputs if o.request_id == "a"]
     assert [len(o.new_token_ids) for o in outputs] == [1, 1, 1]
     assert outputs[-1].finish_reason in ("length", "stop")

@@ -60,7 +60,7 @@ def _attend_tiles(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, k) * scale
+        s = tl.dot(q, k, input_precision="ieee") * scale  # fp32 stays fp32, not TF32
         mask = (row_mask[:, None] & (key_pos[None, :] <= query_abs_pos[:, None])
                 & (key_pos < seq_len)[None, :])
         if SLIDING_WINDOW > 0:
@@ -71,7 +71,7 @@ def _attend_tiles(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     return acc, m_i, l_i
 

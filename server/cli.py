@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from server.models.errors import ModelLoadError
@@ -73,6 +74,9 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout, chat_template=_read_template(args.chat_template),
         engine_mode=args.engine_mode)
     app = build_app(engine_config, server_config)
+    # uvicorn re-raises a caught SIGTERM once its graceful shutdown is done, which kills the
+    # process with the signal (exit -15/143); end with status 0 instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=server_config.host, port=server_config.port,
                 log_level=server_config.log_level,
                 timeout_graceful_shutdown=int(server_config.shutdown_timeout) or None)

@@ -6,12 +6,13 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from server.api.errors import APIError, bad_request
 from server.api.protocol import ChatCompletionRequest, ChatMessage
 from server.api.serving_common import (
     ChoiceState,
+    ClosingStreamingResponse,
     ServingContext,
     make_choices,
     new_id,
@@ -64,20 +65,24 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
                                  request: Request):
     ctx.check_ready()
     ctx.check_model(body)
+    ctx.check_token_fields(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     prompt_ids = render_chat(ctx, body.messages, body.add_generation_prompt)
     max_tokens = body.requested_max_tokens
-    ctx.check_context(len(prompt_ids), max_tokens)
-    ctx.check_queue(1)
+    ctx.check_context(len(prompt_ids), max_tokens, prompt_param="messages")
     num_top = body.top_logprobs or 0
     params = sampling_params_for(body, max_tokens, num_top if body.logprobs else None)
+    ctx.check_queue(1)
     if ctx.metrics is not None:
         ctx.metrics.on_prompt(len(prompt_ids))
     chat = _Chat(ctx, body, prompt_ids, params, num_top)
     if body.stream:
-        return StreamingResponse(chat.stream(), media_type="text/event-stream")
-    return JSONResponse(await until_disconnected(request, chat.complete()))
+        return ClosingStreamingResponse(chat.stream(), [chat.request_stream])
+    try:
+        return JSONResponse(await until_disconnected(request, chat.complete()))
+    finally:
+        chat.request_stream.close()
 
 
 class _Chat:
@@ -88,16 +93,17 @@ class _Chat:
         self.id = new_id("chatcmpl")
         self.created = int(time.time())
         self.choices = make_choices(ctx, body, prompt_ids, 0, body.skip_special_tokens)
+        try:  # submit now (see _Prepared in serving_completion)
+            self.request_stream = ctx.engine.generate(self.id, prompt_ids, params)
+        except EngineNotReadyError:
+            raise APIError(503, "the engine is not ready",
+                           type="service_unavailable_error") from None
 
     def usage(self) -> dict:
         return usage(len(self.prompt_ids), sum(len(c.token_ids) for c in self.choices))
 
     async def _run(self) -> AsyncIterator[tuple[ChoiceState, object]]:
-        try:
-            stream = self.ctx.engine.generate(self.id, self.prompt_ids, self.params)
-        except EngineNotReadyError:
-            raise APIError(503, "the engine is not ready",
-                           type="service_unavailable_error") from None
+        stream = self.request_stream
         async for out in stream:
             choice = self.choices[out.index]
             delta = choice.add(out)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from server.api.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenTexts
 from server.api.errors import APIError, bad_request
@@ -63,7 +64,15 @@ class ServingContext:
         if bad is not None:
             raise bad_request(f"token id {bad} is out of range [0, {vocab})", param=param)
 
-    def check_context(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+    def check_token_fields(self, body: _SamplingFields) -> None:
+        """Token ids in logit_bias keys and stop_token_ids must exist in the vocabulary."""
+        if body.logit_bias:
+            self.check_token_ids([int(k) for k in body.logit_bias], "logit_bias")
+        if body.stop_token_ids:
+            self.check_token_ids(body.stop_token_ids, "stop_token_ids")
+
+    def check_context(self, num_prompt_tokens: int, max_tokens: int | None,
+                      prompt_param: str = "prompt") -> None:
         """Raise 400 context_length_exceeded when the prompt (plus explicit max_tokens) is
         longer than the model's context."""
         max_model_len = self.engine.max_model_len
@@ -71,7 +80,7 @@ class ServingContext:
             raise bad_request(
                 f"This model's maximum context length is {max_model_len} tokens. However, "
                 f"your prompt has {num_prompt_tokens} tokens, leaving no room for output.",
-                param="messages" if max_tokens is None else "prompt",
+                param=prompt_param,
                 code="context_length_exceeded")
         if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
             raise bad_request(
@@ -178,6 +187,26 @@ async def merge_streams(streams: list[RequestStream]
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes the request's engine streams once the response ends, however it ends (also when
+    the client left before the body was iterated at all)."""
+
+    def __init__(self, content, streams: list[RequestStream]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self._streams = streams
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close_all(self._streams)
+
+
+def close_all(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        stream.close()
+
+
 def sse(payload: dict | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
@@ -201,6 +230,7 @@ async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
         watcher.cancel()
         if not task.done():
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # let the cancel land
     if task.cancelled():
         raise APIError(499, "client disconnected", code="client_closed_request")
     return task.result()

@@ -6,13 +6,15 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from server.api.errors import APIError, bad_request
 from server.api.protocol import CompletionRequest
 from server.api.serving_common import (
     ChoiceState,
+    ClosingStreamingResponse,
     ServingContext,
+    close_all,
     make_choices,
     merge_streams,
     new_id,
@@ -29,6 +31,7 @@ class _Prepared:
     def __init__(self, ctx: ServingContext, body: CompletionRequest) -> None:
         ctx.check_ready()
         ctx.check_model(body)
+        ctx.check_token_fields(body)
         if body.suffix:
             raise bad_request("suffix is not supported", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
@@ -51,8 +54,8 @@ class _Prepared:
             ctx.check_context(len(ids), body.max_tokens if explicit_max else None)
             self.prompt_ids.append(ids)
             self.prompt_texts.append(text)
-        ctx.check_queue(len(self.prompt_ids))
         self.params = sampling_params_for(body, body.max_tokens, body.logprobs)
+        ctx.check_queue(len(self.prompt_ids))
         self.id = new_id("cmpl")
         self.created = int(time.time())
         self.choices: list[ChoiceState] = []
@@ -61,6 +64,9 @@ class _Prepared:
         if ctx.metrics is not None:
             for ids in self.prompt_ids:
                 ctx.metrics.on_prompt(len(ids))
+        # Submit now, with no await since check_queue, so concurrent requests cannot all pass
+        # the queue check before any of them is counted.
+        self.request_streams = self.streams(ctx)
 
     def streams(self, ctx: ServingContext):
         try:
@@ -92,13 +98,16 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest,
                             request: Request):
     prep = _Prepared(ctx, body)
     if body.stream:
-        return StreamingResponse(_stream(ctx, body, prep), media_type="text/event-stream")
-    return JSONResponse(await until_disconnected(request, _complete(ctx, body, prep)))
+        return ClosingStreamingResponse(_stream(ctx, body, prep), prep.request_streams)
+    try:
+        return JSONResponse(await until_disconnected(request, _complete(ctx, body, prep)))
+    finally:
+        close_all(prep.request_streams)
 
 
 async def _run(ctx: ServingContext, body: CompletionRequest, prep: _Prepared
                ) -> AsyncIterator[tuple[ChoiceState, object]]:
-    streams = prep.streams(ctx)
+    streams = prep.request_streams
     async for i, out in merge_streams(streams):
         choice = prep.choices[i * body.n + out.index]
         delta = choice.add(out)

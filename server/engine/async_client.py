@@ -145,12 +145,23 @@ class RequestStream:
                  queue: asyncio.Queue) -> None:
         self._client, self.request_id, self.n, self._queue = client, request_id, n, queue
         self._finished: set[int] = set()
+        self._closed = False
 
     def finish_choice(self, index: int) -> None:
         """Stop completion `index` now (a stop string matched on the API side)."""
         if index not in self._finished:
             self._finished.add(index)
             self._client.abort(self.request_id, index)
+
+    def close(self) -> None:
+        """Stop listening; abort whatever still runs. Idempotent, and safe for a stream whose
+        outputs were never read (a client that left before its response started)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._client._release(self.request_id)
+        if len(self._finished) < self.n:
+            self._client.abort(self.request_id)
 
     async def __aiter__(self) -> AsyncIterator[EngineCoreOutput]:
         try:
@@ -164,9 +175,7 @@ class RequestStream:
                     self._finished.add(item.index)
                 yield item
         finally:
-            self._client._release(self.request_id)
-            if len(self._finished) < self.n:
-                self._client.abort(self.request_id)
+            self.close()
 
 
 class ThreadEngineClient(AsyncEngineClient):

@@ -1,0 +1,384 @@
+"""End-to-end fixtures: the real `python -m server serve` in a subprocess on a free loopback port.
+
+Servers are session scoped (each start costs a few seconds) and shared by the test modules:
+
+- `server`: a copy of the bundled stories260k with a chat template added, served under the
+  copy's directory name (`CHAT_MODEL_NAME`), the default limits;
+- `auth_server`: the bundled model (no MODEL_DIR argument, so no chat template and the default
+  name "stories260k") behind `--api-key`;
+- `limits_server`: the chat copy under `--served-model-name`, with the API key from the
+  `PAGEDSERVE_API_KEY` environment variable, one running sequence, a waiting queue of one and a
+  4 KiB request-body limit.
+
+Helpers the tests need live on the `Server` object (a fixture value), since this directory only
+holds conftest.py and test modules. A failing test gets the tail of the logs of the servers it
+used attached to its report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from server.assets import BUNDLED_MODEL_DIR
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KV_CACHE_BYTES = "50000000"
+STARTUP_TIMEOUT_S = 90.0
+
+CHAT_MODEL_NAME = "tiny-stories-chat"
+LIMITS_MODEL_NAME = "limited-storyteller"
+API_KEY = "sk-e2e-flag-key"
+ENV_API_KEY = "sk-e2e-env-key"
+MAX_BODY_BYTES = 4096
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        name, brace, labels = key.partition("{")
+        if brace:  # labels in sorted order, so tests need not know the exporter's order
+            pairs = re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels)
+            key = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(pairs)) + "}"
+        samples[key] = float(value)
+        samples.setdefault(name, float(value))
+    return samples
+
+
+def parse_sse(raw: str) -> list[dict]:
+    """Check OpenAI's SSE framing (`data: {json}\\n\\n` events, ending with `data: [DONE]`) and
+    return the JSON payloads before [DONE]."""
+    assert raw.endswith("data: [DONE]\n\n"), f"stream does not end with [DONE]: {raw[-300:]!r}"
+    events = raw[:-len("\n\n")].split("\n\n")
+    assert events[-1] == "data: [DONE]"
+    chunks = []
+    for event in events[:-1]:
+        assert event.startswith("data: "), f"bad SSE event {event!r}"
+        assert "\n" not in event, f"multi-line SSE event {event!r}"
+        payload = event[len("data: "):]
+        assert payload != "[DONE]", "[DONE] before the end of the stream"
+        chunks.append(json.loads(payload))
+    return chunks
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None,
+                 code: str | None = None, type: str | None = None,
+                 check_param: bool = True) -> dict:
+    """The response is `status` with exactly OpenAI's envelope; returns the inner error."""
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers.get("content-type", "").startswith("application/json"), \
+        response.headers
+    body = response.json()
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert "detail" not in body
+    error = body["error"]
+    assert set(error) == ERROR_KEYS, error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert isinstance(error["type"], str) and error["type"], error
+    if check_param:
+        assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    if type is not None:
+        assert error["type"] == type, error
+    return error
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class Server:
+    """One `python -m server serve` subprocess and what the tests do with it."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path,
+                 env: dict[str, str] | None = None, model_name: str = "",
+                 api_key: str | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = log_path
+        self.env = env
+        self.model_name = model_name
+        self.api_key = api_key
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self._log_file = None
+        self.health_statuses: list[int] = []  # what /health answered while starting
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def start(self) -> Server:
+        cmd = [sys.executable, "-m", "server", "serve", *self.args, "--port", str(self.port),
+               "--kv-cache-memory", KV_CACHE_BYTES, "--log-level", "info"]
+        env = dict(os.environ)
+        env.pop("PAGEDSERVE_API_KEY", None)
+        env.update(self.env or {})
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log_file.write(f"$ {' '.join(cmd)}\n".encode())
+        self._log_file.flush()
+        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=self._log_file,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"server {self.name} exited with {self.proc.returncode} "
+                                  f"during start-up:\n{self.log_tail()}")
+            try:
+                status = httpx.get(f"{self.base_url}/health", timeout=2).status_code
+            except httpx.HTTPError:
+                pass  # not listening yet
+            else:
+                self.health_statuses.append(status)
+                if status == 200:
+                    return self
+            time.sleep(0.2)
+        self.stop()
+        raise ServerError(f"server {self.name} not healthy after {STARTUP_TIMEOUT_S} s:\n"
+                          f"{self.log_tail()}")
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._log_file is not None and not self._log_file.closed:
+            self._log_file.close()
+        return self.proc.returncode if self.proc is not None else None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    # ------------------------------------------------------------------ clients
+    def client(self, **kwargs: Any) -> httpx.Client:
+        kwargs.setdefault("timeout", 60.0)
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        return httpx.Client(base_url=self.base_url, headers=headers, **kwargs)
+
+    def async_client(self, **kwargs: Any) -> httpx.AsyncClient:
+        kwargs.setdefault("timeout", 60.0)
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        return httpx.AsyncClient(base_url=self.base_url, headers=headers, **kwargs)
+
+    def openai(self, **kwargs: Any):
+        from openai import OpenAI
+
+        kwargs.setdefault("api_key", self.api_key or "x")
+        kwargs.setdefault("timeout", 60.0)
+        return OpenAI(base_url=f"{self.base_url}/v1", max_retries=0, **kwargs)
+
+    def async_openai(self, **kwargs: Any):
+        from openai import AsyncOpenAI
+
+        kwargs.setdefault("api_key", self.api_key or "x")
+        kwargs.setdefault("timeout", 60.0)
+        return AsyncOpenAI(base_url=f"{self.base_url}/v1", max_retries=0, **kwargs)
+
+    # ------------------------------------------------------------------ requests
+    def post(self, path: str, body: Any = None, **kwargs: Any) -> httpx.Response:
+        with self.client() as c:
+            if body is not None:
+                kwargs["json"] = body
+            return c.post(path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        with self.client() as c:
+            return c.get(path, **kwargs)
+
+    def complete(self, **body: Any) -> dict:
+        """POST /v1/completions; asserts 200 and returns the JSON."""
+        body.setdefault("model", self.model_name)
+        r = self.post("/v1/completions", body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def chat(self, **body: Any) -> dict:
+        body.setdefault("model", self.model_name)
+        r = self.post("/v1/chat/completions", body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def stream(self, path: str, body: dict) -> tuple[list[dict], str]:
+        """POST a streaming request; return the JSON chunks and the raw body (checked framing)."""
+        body = {"model": self.model_name, **body, "stream": True}
+        with self.client() as c, c.stream("POST", path, json=body) as r:
+            assert r.status_code == 200, r.read().decode()
+            assert r.headers["content-type"].startswith("text/event-stream")
+            raw = r.read().decode()
+        return self.parse_sse(raw), raw
+
+    def tokenize(self, prompt: str | None = None, messages: list | None = None) -> dict:
+        body: dict[str, Any] = {"model": self.model_name}
+        if prompt is not None:
+            body["prompt"] = prompt
+        if messages is not None:
+            body["messages"] = messages
+        r = self.post("/tokenize", body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus samples by 'name{labels}' with the labels sorted by name (and by bare
+        name for the first sample of each name)."""
+        r = self.get("/metrics")
+        assert r.status_code == 200, r.text
+        return parse_prometheus(r.text)
+
+    def wait_idle(self, timeout: float = 10.0) -> dict[str, float]:
+        """Poll /metrics until no request runs or waits and no KV block is in use."""
+        deadline = time.monotonic() + timeout
+        samples: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            samples = self.metrics()
+            if (samples.get("pagedserve:num_requests_running") == 0
+                    and samples.get("pagedserve:num_requests_waiting") == 0
+                    and samples.get("pagedserve:kv_cache_usage_perc") == 0):
+                return samples
+            time.sleep(0.05)
+        running = {k: v for k, v in samples.items()
+                   if k.split("{")[0] in ("pagedserve:num_requests_running",
+                                          "pagedserve:num_requests_waiting",
+                                          "pagedserve:kv_cache_usage_perc")}
+        raise AssertionError(f"server {self.name} still busy after {timeout} s: {running}")
+
+    def wait_metric(self, name: str, predicate, timeout: float = 10.0) -> float:
+        deadline = time.monotonic() + timeout
+        value = None
+        while time.monotonic() < deadline:
+            value = self.metrics().get(name)
+            if value is not None and predicate(value):
+                return value
+            time.sleep(0.02)
+        raise AssertionError(f"{name} = {value} did not reach the expected value in {timeout} s")
+
+    # ------------------------------------------------------------------ checks
+    parse_sse = staticmethod(parse_sse)
+    assert_error = staticmethod(assert_error)
+    parse_prometheus = staticmethod(parse_prometheus)
+
+
+# ---------------------------------------------------------------------- fixtures
+_STARTED: dict[str, Server] = {}
+
+
+@pytest.fixture(scope="session")
+def e2e_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(e2e_dir: Path) -> Path:
+    """A copy of the bundled model with a chat template; its directory name is the served
+    name by default."""
+    out = e2e_dir / CHAT_MODEL_NAME
+    shutil.copytree(BUNDLED_MODEL_DIR, out)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config, indent=2))
+    return out
+
+
+def _start(name: str, e2e_dir: Path, args: list[str], **kwargs: Any) -> Server:
+    server = Server(name, args, e2e_dir / f"{name}.log", **kwargs)
+    _STARTED[name] = server
+    return server.start()
+
+
+@pytest.fixture(scope="session")
+def server(e2e_dir: Path, chat_model_dir: Path):
+    s = _start("server", e2e_dir, [str(chat_model_dir)], model_name=CHAT_MODEL_NAME)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_server(e2e_dir: Path):
+    s = _start("auth_server", e2e_dir, ["--api-key", API_KEY], model_name="stories260k",
+               api_key=API_KEY)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def limits_server(e2e_dir: Path, chat_model_dir: Path):
+    s = _start("limits_server", e2e_dir,
+               [str(chat_model_dir), "--served-model-name", LIMITS_MODEL_NAME,
+                "--max-num-seqs", "1", "--max-queued-requests", "1",
+                "--max-request-body-bytes", str(MAX_BODY_BYTES)],
+               env={"PAGEDSERVE_API_KEY": ENV_API_KEY}, model_name=LIMITS_MODEL_NAME,
+               api_key=ENV_API_KEY)
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def fresh_server(e2e_dir: Path, chat_model_dir: Path, request):
+    """A server of the test's own (for SIGTERM), stopped at the end of the test."""
+    name = f"fresh_{request.node.name}"
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    s = _start(name, e2e_dir, [str(chat_model_dir)], model_name=CHAT_MODEL_NAME)
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def oai(server: Server):
+    client = server.openai()
+    yield client
+    client.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        for name in ("server", "auth_server", "limits_server"):
+            if name in getattr(item, "fixturenames", ()) and name in _STARTED:
+                report.sections.append((f"{name} log (tail)", _STARTED[name].log_tail(120)))
+        for name, s in _STARTED.items():
+            if name.startswith("fresh_") and name.endswith(re.sub(r"[^A-Za-z0-9_.-]", "_",
+                                                                  item.name)):
+                report.sections.append((f"{name} log (tail)", s.log_tail(120)))
+    return report

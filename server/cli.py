@@ -89,6 +89,12 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return bench_serve_main(args)
 
 
+def _bench_engine_modes(args: argparse.Namespace) -> int:
+    from server.bench.engine_modes import main as engine_modes_main
+
+    return engine_modes_main(args)
+
+
 def _bench_kernels(args: argparse.Namespace) -> int:
     from server.bench.kernels import main as bench_kernels_main
 
@@ -166,13 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--api-key", default=None)
     bserve.add_argument("--json", default=None, metavar="FILE", help="also write the summary")
     bserve.set_defaults(func=_bench_serve)
+    bmodes = bench_sub.add_parser("engine-modes", help="the server's engine loop in a thread "
+                                  "vs in a process, same workload, A B A B")
+    bmodes.add_argument("model", nargs="?", default=None)
+    bmodes.add_argument("--rounds", type=int, default=2)
+    bmodes.add_argument("--num-prompts", type=int, default=64)
+    bmodes.add_argument("--input-len", type=int, default=128)
+    bmodes.add_argument("--output-len", type=int, default=64)
+    bmodes.add_argument("--concurrency", type=int, default=32)
+    bmodes.add_argument("--vocab-size", type=int, default=500)
+    bmodes.add_argument("--seed", type=int, default=0)
+    bmodes.add_argument("--server-args", default="", help="extra `serve` flags, one string")
+    bmodes.add_argument("--log", default="bench-engine-modes.log", help="servers' output")
+    bmodes.set_defaults(func=_bench_engine_modes)
     bkernels = bench_sub.add_parser("kernels", help="Triton kernel correctness and speed "
                                     "on CUDA")
     from server.bench.kernels import add_arguments as add_kernel_bench_arguments
 
     add_kernel_bench_arguments(bkernels)
     bkernels.set_defaults(func=_bench_kernels)
-    for command in (serve, gen, bserve, bkernels):
+    for command in (serve, gen, bserve, bmodes, bkernels):
         command.add_argument("--log-level", default="info",
                              choices=["debug", "info", "warning", "error"])
     return parser
@@ -182,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     try:
         return args.func(args)
     except (ModelLoadError, ValueError) as e:

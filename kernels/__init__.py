@@ -2,14 +2,15 @@
 
 Every entry point takes `backend`: "auto" (CUDA tensors -> Triton, anything else -> torch),
 "triton" (forces the Triton kernels; on CPU tensors they run under TRITON_INTERPRET=1), or
-"torch" (the torch implementation in `kernels.reference`).
+"torch" (kernels/torch_attention.py; kernels/reference.py is the plain reference the tests
+compare everything with).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels import reference
+from kernels import reference, torch_attention
 
 try:  # the Triton modules; bound to private names, the entry points below keep the public ones
     from kernels import paged_attention as _triton_attention
@@ -48,9 +49,9 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_
         return _triton_attention.paged_attention(
             query, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
             out=out, sliding_window=sliding_window, num_splits=num_splits)
-    return reference.paged_attention(query, key_cache, value_cache, block_table, seq_lens,
-                                     query_start_loc, scale, out=out,
-                                     sliding_window=sliding_window)
+    return torch_attention.paged_attention(query, key_cache, value_cache, block_table, seq_lens,
+                                           query_start_loc, scale, out=out,
+                                           sliding_window=sliding_window)
 
 
 __all__ = ["BACKENDS", "paged_attention", "reshape_and_cache", "reference"]

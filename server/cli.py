@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
 
 from server.models.errors import ModelLoadError
+
+# `pagedserve bench NAME`: module (with add_arguments(parser) and main(args)), help.
+_BENCH_COMMANDS = {
+    "serve": ("server.bench.serve", "streaming load against any OpenAI-compatible server"),
+    "offline": ("server.bench.offline", "throughput of the offline LLM API (no HTTP)"),
+    "compare": ("server.bench.compare", "pagedserve vs another server (vLLM-CPU), A B A B"),
+    "engine-modes": ("server.bench.engine_modes", "the server's engine loop in a thread vs "
+                     "in a process, A B A B"),
+    "make-model": ("server.bench.make_model", "a reproducible random-weight model directory "
+                   "with a locally trained tokenizer"),
+    "roofline": ("server.bench.roofline", "this machine's matmul rate and memory bandwidth, "
+                 "and the workload's ceilings"),
+    "kernels": ("server.bench.kernels", "Triton kernel correctness and speed on CUDA"),
+}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -83,24 +98,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_serve(args: argparse.Namespace) -> int:
-    from server.bench.serve import main as bench_serve_main
-
-    return bench_serve_main(args)
-
-
-def _bench_engine_modes(args: argparse.Namespace) -> int:
-    from server.bench.engine_modes import main as engine_modes_main
-
-    return engine_modes_main(args)
-
-
-def _bench_kernels(args: argparse.Namespace) -> int:
-    from server.bench.kernels import main as bench_kernels_main
-
-    return bench_kernels_main(args)
-
-
 def _generate(args: argparse.Namespace) -> int:
     from server import LLM, SamplingParams
 
@@ -154,44 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
     bench = sub.add_parser("bench", help="benchmarks (commands, not tests)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    bserve = bench_sub.add_parser("serve", help="streaming load against any OpenAI-compatible "
-                                  "server")
-    bserve.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
-    bserve.add_argument("--model", required=True, help="model name the server expects")
-    bserve.add_argument("--num-prompts", type=int, default=64)
-    bserve.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
-    bserve.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
-    bserve.add_argument("--vocab-size", type=int, default=500,
-                        help="random prompt token ids are drawn below this")
-    load = bserve.add_mutually_exclusive_group()
-    load.add_argument("--concurrency", type=int, default=None, help="requests in flight")
-    load.add_argument("--request-rate", type=float, default=None,
-                      help="Poisson arrivals per second (default: all at once)")
-    bserve.add_argument("--seed", type=int, default=0)
-    bserve.add_argument("--ignore-eos", action="store_true")
-    bserve.add_argument("--api-key", default=None)
-    bserve.add_argument("--json", default=None, metavar="FILE", help="also write the summary")
-    bserve.set_defaults(func=_bench_serve)
-    bmodes = bench_sub.add_parser("engine-modes", help="the server's engine loop in a thread "
-                                  "vs in a process, same workload, A B A B")
-    bmodes.add_argument("model", nargs="?", default=None)
-    bmodes.add_argument("--rounds", type=int, default=2)
-    bmodes.add_argument("--num-prompts", type=int, default=64)
-    bmodes.add_argument("--input-len", type=int, default=128)
-    bmodes.add_argument("--output-len", type=int, default=64)
-    bmodes.add_argument("--concurrency", type=int, default=32)
-    bmodes.add_argument("--vocab-size", type=int, default=500)
-    bmodes.add_argument("--seed", type=int, default=0)
-    bmodes.add_argument("--server-args", default="", help="extra `serve` flags, one string")
-    bmodes.add_argument("--log", default="bench-engine-modes.log", help="servers' output")
-    bmodes.set_defaults(func=_bench_engine_modes)
-    bkernels = bench_sub.add_parser("kernels", help="Triton kernel correctness and speed "
-                                    "on CUDA")
-    from server.bench.kernels import add_arguments as add_kernel_bench_arguments
-
-    add_kernel_bench_arguments(bkernels)
-    bkernels.set_defaults(func=_bench_kernels)
-    for command in (serve, gen, bserve, bmodes, bkernels):
+    bench_commands = []
+    for name, (module_name, help_text) in _BENCH_COMMANDS.items():
+        command = bench_sub.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(command)
+        command.set_defaults(func=module.main)
+        bench_commands.append(command)
+    for command in (serve, gen, *bench_commands):
         command.add_argument("--log-level", default="info",
                              choices=["debug", "info", "warning", "error"])
     return parser

@@ -46,6 +46,20 @@ def _served_name(port: int) -> str:
     return httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="model directory (default: the bundled model)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--vocab-size", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-args", default="", help="extra `serve` flags, one string")
+    parser.add_argument("--log", default="bench-engine-modes.log", help="servers' output")
+
+
 def main(args) -> int:
     prompts = make_prompts(args.num_prompts, args.input_len, args.vocab_size, args.seed)
     extra = args.server_args.split() if args.server_args else []

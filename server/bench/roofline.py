@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from server.bench.args import parse_ints
 from server.models.arch_config import ArchConfig
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -231,17 +232,6 @@ def _merge_min(a: dict[str, list[float]] | None,
 
 
 # ---- report ----------------------------------------------------------------------------------
-
-def parse_ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
 
 def describe(arch: ArchConfig, counts: Counts, input_len: int, output_len: int,
              dtype_name: str) -> str:

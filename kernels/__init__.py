@@ -16,7 +16,7 @@ try:  # the Triton modules; bound to private names, the entry points below keep 
     from kernels import paged_attention as _triton_attention
     from kernels import reshape_and_cache as _triton_cache
 except ImportError:  # no triton: the torch path only
-    _triton_attention = _triton_cache = None
+    _triton_attention = _triton_cache = None  # type: ignore[assignment]
 
 BACKENDS = ("auto", "torch", "triton")
 

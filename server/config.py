@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from server.assets import BUNDLED_MODEL_DIR
@@ -76,7 +77,7 @@ class EngineConfig:
         """Build from flat keyword arguments (the offline `LLM` and the CLI share these names)."""
         groups: dict[type, dict[str, object]] = {ModelConfig: {}, CacheConfig: {},
                                                  SchedulerConfig: {}}
-        fields = {c: set(c.__dataclass_fields__) for c in groups}
+        fields = {c: {f.name for f in dataclasses.fields(c)} for c in groups}
         for key, value in kwargs.items():
             owner = next((c for c in groups if key in fields[c]), None)
             if owner is None:

@@ -140,6 +140,6 @@ class ModelRunner:
         if not rows:
             return {}
         logits_index = md.query_start_loc[1:][torch.tensor(last_indices, device=self.device)] - 1
-        logits = self.model.compute_logits(hidden[logits_index.long()])
+        logits = self.model.compute_logits(hidden[logits_index.long()])  # type: ignore[operator]
         results = self.sampler(logits, rows)
         return {row.request.request_id: r for row, r in zip(rows, results)}

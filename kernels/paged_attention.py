@@ -36,14 +36,18 @@ def _find_seq_idx(query_start_loc_ptr, q_block_global, num_seqs, BLOCK_Q: tl.con
 
 @triton.jit
 def _attend_tiles(
-    acc, m_i, l_i, q,
+    q,
     key_cache_ptr, value_cache_ptr, block_table_ptr,
     seq_idx, kv_head, query_abs_pos, row_mask, seq_len, tile_start, tile_end, scale,
     stride_bt_s, stride_cache_b, stride_cache_s, stride_cache_h, stride_cache_d,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SLIDING_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, SLIDING_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Online softmax over cache blocks [tile_start, tile_end) of one sequence."""
+    """Online softmax over cache blocks [tile_start, tile_end) of one sequence; returns the
+    unnormalised output, the running max and the running sum of exponentials per row."""
+    acc = tl.zeros([BLOCK_M, DIM_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     offs_t = tl.arange(0, BLOCK_SIZE)
     offs_d = tl.arange(0, DIM_PAD)
     dim_mask = offs_d < HEAD_DIM
@@ -137,14 +141,11 @@ def paged_attention_kernel(
     tile_end = last_pos // BLOCK_SIZE + 1
     tile_start = _first_tile(context_len + q_block_local * BLOCK_Q, SLIDING_WINDOW, BLOCK_SIZE)
 
-    acc = tl.zeros([BLOCK_M, DIM_PAD], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, key_cache_ptr, value_cache_ptr, block_table_ptr,
+        q, key_cache_ptr, value_cache_ptr, block_table_ptr,
         seq_idx, kv_head, query_abs_pos, row_mask, seq_len, tile_start, tile_end, scale,
         stride_bt_s, stride_cache_b, stride_cache_s, stride_cache_h, stride_cache_d,
-        HEAD_DIM, DIM_PAD, BLOCK_SIZE, SLIDING_WINDOW, UPCAST)
+        HEAD_DIM, DIM_PAD, BLOCK_SIZE, BLOCK_M, SLIDING_WINDOW, UPCAST)
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     offs_d = tl.arange(0, DIM_PAD)
     tl.store(out_ptr + token_idx.to(tl.int64)[:, None] * stride_o_t
@@ -188,14 +189,11 @@ def paged_attention_split_kernel(
     tile_start = first + split * per_split
     tile_end = tl.minimum(tile_start + per_split, num_tiles)
 
-    acc = tl.zeros([BLOCK_M, DIM_PAD], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, key_cache_ptr, value_cache_ptr, block_table_ptr,
+        q, key_cache_ptr, value_cache_ptr, block_table_ptr,
         seq_idx, kv_head, query_abs_pos, row_mask, seq_len, tile_start, tile_end, scale,
         stride_bt_s, stride_cache_b, stride_cache_s, stride_cache_h, stride_cache_d,
-        HEAD_DIM, DIM_PAD, BLOCK_SIZE, SLIDING_WINDOW, UPCAST)
+        HEAD_DIM, DIM_PAD, BLOCK_SIZE, BLOCK_M, SLIDING_WINDOW, UPCAST)
     row = (seq_idx.to(tl.int64) * NUM_HEADS + head_idx) * NUM_SPLITS + split
     offs_d = tl.arange(0, DIM_PAD)
     tl.store(partial_out_ptr + row[:, None] * DIM_PAD + offs_d[None, :], acc,

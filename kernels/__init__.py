@@ -37,7 +37,7 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping,
     `[num_blocks, block_size, num_kv_heads, head_dim]` at `slot_mapping` (negative: skip)."""
     if _resolve(backend, key) == "triton":
         return _triton_cache.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
-    return reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    return torch_attention.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
 def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_start_loc,

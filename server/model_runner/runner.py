@@ -10,9 +10,11 @@ import torch
 
 from server.config import EngineConfig
 from server.model_runner.attention_metadata import AttentionMetadata
+from server.model_runner.cpu_allocator import keep_freed_memory_mapped
 from server.model_runner.sampler import Sampler, SamplingRow
 from server.models.arch_config import ArchConfig
 from server.models.errors import ModelLoadError
+from server.models.layers.linear import pack_linear_weights
 from server.models.loader import load_model, resolve_dtype
 from server.scheduler.output import SampleResult, SchedulerOutput
 
@@ -37,9 +39,13 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.max_model_len = max_model_len
         self.device = resolve_device(config.model.device)
+        if self.device.type == "cpu":
+            keep_freed_memory_mapped()
         self.dtype = resolve_dtype(config.model.dtype, arch)
         self.model = load_model(model_dir, arch, self.dtype, self.device,
                                 max_position=max(max_model_len, arch.max_position_embeddings))
+        if self.device.type == "cpu":
+            logger.info("oneDNN-prepacked %d linear weights", pack_linear_weights(self.model))
         self.num_blocks = self._num_blocks_from_budget()
         shape = (self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),

@@ -13,6 +13,7 @@ from torch import nn
 import kernels
 from server.model_runner.attention_metadata import AttentionMetadata
 from server.models.arch_config import ArchConfig
+from server.models.layers.linear import Linear, linear, packed_weight
 from server.models.layers.norm import RMSNorm
 from server.models.layers.rotary import RotaryEmbedding
 
@@ -26,9 +27,9 @@ class Attention(nn.Module):
                                                             cfg.head_dim)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
@@ -59,9 +60,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size,
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size,
                                       bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -113,7 +114,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.model = LlamaModel(cfg, max_position)
         self.lm_head = (None if cfg.tie_word_embeddings
-                        else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
+                        else Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
+        self._tied_packed: torch.Tensor | None = None
 
     def shard_sizes(self, fused: str) -> list[int]:
         cfg = self.config
@@ -126,7 +128,14 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[KVCache], md: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, md)
 
+    def pack_weights(self) -> int:
+        """The tied logits head is no Linear module: pack the embedding matrix for it."""
+        if self.lm_head is not None:
+            return 0
+        self._tied_packed = packed_weight(self.model.embed_tokens.weight)
+        return int(self._tied_packed is not None)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = (self.model.embed_tokens.weight if self.lm_head is None
-                  else self.lm_head.weight)
-        return F.linear(hidden, weight)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return linear(hidden, self.model.embed_tokens.weight, None, self._tied_packed)

@@ -1,4 +1,5 @@
-"""`kernels.reshape_and_cache(..., backend="triton")` (interpreted on CPU) against the reference.
+"""`kernels.reshape_and_cache` (backend "triton", interpreted on CPU, and "torch") against the
+reference.
 
 K and V are strided views of a fused qkv projection's output, as the model passes them; the
 caches start full of random values so that a write to a wrong or padding slot shows; the whole
@@ -46,7 +47,9 @@ def random_caches(num_blocks: int, block_size: int, num_kv_heads: int, head_dim:
     ("bf16", 16, 3, 64, torch.int32, False),
     ("bf16", 32, 2, 80, torch.int64, True),
 ])
-def test_matches_reference(dtype, block_size, num_kv_heads, head_dim, slot_dtype, interleaved):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_matches_reference(dtype, block_size, num_kv_heads, head_dim, slot_dtype, interleaved,
+                           backend):
     gen = torch.Generator().manual_seed(block_size * 1000 + num_kv_heads * 100 + head_dim)
     dtype = DTYPES[dtype]
     num_tokens, num_blocks = 21, 5
@@ -67,7 +70,7 @@ def test_matches_reference(dtype, block_size, num_kv_heads, head_dim, slot_dtype
     reference.reshape_and_cache(key, value, expected_k, expected_v, slot_mapping)
     assert not torch.equal(expected_k, original_k)  # the test writes something
 
-    kernels.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, backend="triton")
+    kernels.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, backend=backend)
     assert torch.equal(key_cache, expected_k), \
         f"key cache differs in {int((key_cache != expected_k).sum())} elements"
     assert torch.equal(value_cache, expected_v), \
@@ -80,13 +83,14 @@ def test_matches_reference(dtype, block_size, num_kv_heads, head_dim, slot_dtype
         assert torch.equal(cache.reshape(flat)[untouched], original.reshape(flat)[untouched])
 
 
-def test_padding_only_leaves_caches_untouched():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_padding_only_leaves_caches_untouched(backend):
     gen = torch.Generator().manual_seed(7)
     key, value = fused_kv(6, 4, 2, 64, torch.bfloat16, gen)
     key_cache, value_cache = random_caches(2, 16, 2, 64, torch.bfloat16, gen, False)
     before = key_cache.clone(), value_cache.clone()
     slots = torch.full((6,), -1, dtype=torch.int64)
-    kernels.reshape_and_cache(key, value, key_cache, value_cache, slots, backend="triton")
+    kernels.reshape_and_cache(key, value, key_cache, value_cache, slots, backend=backend)
     assert torch.equal(key_cache, before[0]) and torch.equal(value_cache, before[1])
 
 

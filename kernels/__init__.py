@@ -40,18 +40,29 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping,
     return torch_attention.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
+def attention_plan(block_table, seq_lens, query_start_loc, block_size: int,
+                   sliding_window: int | None, backend: str = "auto"):
+    """What the torch path's calls of one step share (block ids, masks), built once for all
+    layers and passed back as `paged_attention(..., plan=)`; None where Triton runs."""
+    if _resolve(backend, block_table) == "triton":
+        return None
+    return torch_attention.build_plan(block_table, seq_lens, query_start_loc, block_size,
+                                      sliding_window)
+
+
 def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
                     scale, out=None, sliding_window=None, backend: str = "auto",
-                    num_splits: int | None = None):
+                    num_splits: int | None = None, plan=None):
     """Causal attention of a flattened batch over the paged cache; see kernels.reference.
-    `num_splits` (Triton only): None picks split-KV automatically, 1 turns it off."""
+    `num_splits` (Triton only): None picks split-KV automatically, 1 turns it off.
+    `plan` (torch only): `attention_plan(...)` of this batch."""
     if _resolve(backend, query) == "triton":
         return _triton_attention.paged_attention(
             query, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
             out=out, sliding_window=sliding_window, num_splits=num_splits)
     return torch_attention.paged_attention(query, key_cache, value_cache, block_table, seq_lens,
                                            query_start_loc, scale, out=out,
-                                           sliding_window=sliding_window)
+                                           sliding_window=sliding_window, plan=plan)
 
 
-__all__ = ["BACKENDS", "paged_attention", "reshape_and_cache", "reference"]
+__all__ = ["BACKENDS", "attention_plan", "paged_attention", "reshape_and_cache", "reference"]

@@ -1,16 +1,87 @@
 """A faster torch path for paged attention off CUDA: decodes batched into one padded attention
 call, prompts and prefill chunks through SDPA per sequence. Same signature and semantics as
-kernels.reference.
+kernels.reference, plus an optional `AttentionPlan`.
 
 Blocks are gathered with `index_select` over a [num_blocks, block_bytes] view (a row copy per
 block, ~9x faster than advanced indexing on CPU), and GQA is an `expand` of the kv heads over
 their query group (no copy; SDPA's enable_gqa falls back to the slow math path on CPU).
+
+Everything that depends only on the batch's shape (block ids, masks, which rows decode) is an
+`AttentionPlan`, built once per step by `build_plan` and shared by every layer's call.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class _Prefill:
+    q_start: int
+    q_len: int
+    seq_len: int
+    blocks: torch.Tensor  # [num_blocks] int64
+    mask: torch.Tensor | None  # [q_len, seq_len] bool; None: plain causal (q_len == seq_len)
+
+
+@dataclass(slots=True)
+class AttentionPlan:
+    block_size: int
+    sliding_window: int | None
+    all_decode: bool  # every sequence has exactly one query token: rows are sequences
+    decode_rows: torch.Tensor | None  # [num_decodes] int64 query rows of the batched decodes
+    decode_blocks: torch.Tensor | None  # [num_decodes * decode_width] int64
+    decode_width: int  # blocks gathered per decode (the longest decode's)
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, decode_width * block_size] bool
+    prefills: list[_Prefill]
+
+
+def build_plan(block_table, seq_lens, query_start_loc, block_size: int,
+               sliding_window: int | None) -> AttentionPlan:
+    """The per-step part of paged_attention: what every layer's call would recompute."""
+    num_seqs = seq_lens.shape[0]
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    q_lens = [starts[i + 1] - starts[i] for i in range(num_seqs)]
+    all_decode = starts[-1] == num_seqs and all(n == 1 for n in q_lens)
+    decodes = [i for i in range(num_seqs) if q_lens[i] == 1]
+    if not all_decode and len(decodes) < 2:
+        decodes = []
+    device = block_table.device
+    decode_rows = decode_blocks = decode_mask = None
+    width = 0
+    if decodes:
+        rows = torch.tensor(decodes, device=device)
+        dec_lens = torch.tensor([lens[i] for i in decodes], device=device)
+        width = -(-max(lens[i] for i in decodes) // block_size)
+        table = block_table if all_decode else block_table[rows]
+        decode_blocks = table[:, :width].long().reshape(-1)
+        pos = torch.arange(width * block_size, device=device)
+        allowed = pos[None, :] < dec_lens[:, None]
+        if sliding_window is not None:
+            allowed &= pos[None, :] > (dec_lens[:, None] - 1 - sliding_window)
+        decode_mask = allowed[:, None, None, :]
+        decode_rows = torch.tensor([starts[i] for i in decodes], device=device)
+    done = set(decodes)
+    prefills = []
+    for i, seq_len in enumerate(lens):
+        q_len = q_lens[i]
+        if i in done or q_len == 0:
+            continue
+        blocks = block_table[i, :-(-seq_len // block_size)].long()
+        mask = None
+        if sliding_window is not None or q_len != seq_len:
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
+            k_pos = torch.arange(seq_len, device=device)[None, :]
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+        prefills.append(_Prefill(starts[i], q_len, seq_len, blocks, mask))
+    return AttentionPlan(block_size, sliding_window, all_decode, decode_rows, decode_blocks,
+                         width, decode_mask, prefills)
 
 
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
@@ -36,80 +107,55 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return rows.view(-1, num_kv_heads, head_dim)
 
 
-def _one_sequence(query, key_cache, value_cache, table, seq_len, q_start, q_len, scale,
-                  sliding_window, out) -> None:
-    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
-    group = query.shape[1] // num_kv_heads
-    blocks = table[:-(-seq_len // key_cache.shape[1])].long()
-    shape = (num_kv_heads, group, seq_len, head_dim)
-    # [kv_heads, group, seq_len, head_dim], the group dimension an expand of stride 0
-    k = _gather(key_cache, blocks)[:seq_len].permute(1, 0, 2).float()[:, None].expand(shape)
-    v = _gather(value_cache, blocks)[:seq_len].permute(1, 0, 2).float()[:, None].expand(shape)
-    q = query[q_start:q_start + q_len].view(q_len, num_kv_heads, group, head_dim)
-    q = q.permute(1, 2, 0, 3).float()  # [kv_heads, group, q_len, head_dim]
-    if sliding_window is None and q_len == seq_len:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    else:
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
-        k_pos = torch.arange(seq_len, device=query.device)[None, :]
-        allowed = k_pos <= q_pos
-        if sliding_window is not None:
-            allowed &= k_pos > q_pos - sliding_window
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
-    out[q_start:q_start + q_len] = o.permute(2, 0, 1, 3).reshape(q_len, -1, head_dim)
-
-
 def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-                    scale: float, out=None, sliding_window=None) -> torch.Tensor:
+                    scale: float, out=None, sliding_window=None,
+                    plan: AttentionPlan | None = None) -> torch.Tensor:
     if out is None:
         out = torch.empty_like(query)
-    num_seqs = seq_lens.shape[0]
-    if query.shape[0] == num_seqs:  # decode-only: one batched call
-        _decode_attention(query, key_cache, value_cache, block_table, seq_lens, scale,
-                          sliding_window, out)
-        return out
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    decodes = [i for i in range(num_seqs) if starts[i + 1] - starts[i] == 1]
-    if len(decodes) > 1:
-        rows = torch.tensor(decodes, device=query.device)
-        token_rows = query_start_loc[rows].long()
-        part = torch.empty((len(decodes),) + tuple(query.shape[1:]), dtype=out.dtype,
-                           device=out.device)
-        _decode_attention(query[token_rows], key_cache, value_cache, block_table[rows],
-                          seq_lens[rows], scale, sliding_window, part)
-        out[token_rows] = part
-    else:
-        decodes = []
-    done = set(decodes)
-    for i, seq_len in enumerate(lens):
-        q_len = starts[i + 1] - starts[i]
-        if i in done or q_len == 0:
-            continue
-        _one_sequence(query, key_cache, value_cache, block_table[i], seq_len, starts[i],
-                      q_len, scale, sliding_window, out)
+    block_size = key_cache.shape[1]
+    if plan is None or plan.block_size != block_size or plan.sliding_window != sliding_window:
+        plan = build_plan(block_table, seq_lens, query_start_loc, block_size, sliding_window)
+    if plan.decode_blocks is not None:
+        if plan.all_decode:
+            _decode_attention(query, key_cache, value_cache, plan, scale, out)
+        else:
+            assert plan.decode_rows is not None
+            part = torch.empty((len(plan.decode_rows),) + tuple(query.shape[1:]),
+                               dtype=out.dtype, device=out.device)
+            _decode_attention(query[plan.decode_rows], key_cache, value_cache, plan, scale,
+                              part)
+            out[plan.decode_rows] = part
+    for prefill in plan.prefills:
+        _one_sequence(query, key_cache, value_cache, prefill, scale, out)
     return out
 
 
-def _decode_attention(query, key_cache, value_cache, block_table, seq_lens, scale,
-                      sliding_window, out) -> None:
-    """Row i of query/out is the one query token of sequence i. The G query heads sharing a
-    kv head act as G query rows of one attention call over that head's keys."""
+def _one_sequence(query, key_cache, value_cache, p: _Prefill, scale, out) -> None:
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
-    block_size = key_cache.shape[1]
+    group = query.shape[1] // num_kv_heads
+    shape = (num_kv_heads, group, p.seq_len, head_dim)
+    # [kv_heads, group, seq_len, head_dim], the group dimension an expand of stride 0
+    k = _gather(key_cache, p.blocks)[:p.seq_len].permute(1, 0, 2).float()[:, None].expand(shape)
+    v = _gather(value_cache, p.blocks)[:p.seq_len].permute(1, 0, 2).float()[:, None].expand(shape)
+    q = query[p.q_start:p.q_start + p.q_len].view(p.q_len, num_kv_heads, group, head_dim)
+    q = q.permute(1, 2, 0, 3).float()  # [kv_heads, group, q_len, head_dim]
+    if p.mask is None:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale)
+    out[p.q_start:p.q_start + p.q_len] = o.permute(2, 0, 1, 3).reshape(p.q_len, -1, head_dim)
+
+
+def _decode_attention(query, key_cache, value_cache, plan: AttentionPlan, scale, out) -> None:
+    """Row i of query/out is the one query token of decode i. The G query heads sharing a
+    kv head act as G query rows of one attention call over that head's keys."""
+    assert plan.decode_blocks is not None
+    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
     batch = query.shape[0]
-    lens = seq_lens.long()
-    max_len = int(lens.max())
-    num_blocks = -(-max_len // block_size)
-    blocks = block_table[:, :num_blocks].long().reshape(-1)
-    shape = (batch, num_blocks * block_size, num_kv_heads, head_dim)
-    k = _gather(key_cache, blocks).view(shape).transpose(1, 2)
-    v = _gather(value_cache, blocks).view(shape).transpose(1, 2)
-    pos = torch.arange(num_blocks * block_size, device=query.device)
-    allowed = pos[None, :] < lens[:, None]
-    if sliding_window is not None:
-        allowed &= pos[None, :] > (lens[:, None] - 1 - sliding_window)
+    shape = (batch, plan.decode_width * plan.block_size, num_kv_heads, head_dim)
+    k = _gather(key_cache, plan.decode_blocks).view(shape).transpose(1, 2)
+    v = _gather(value_cache, plan.decode_blocks).view(shape).transpose(1, 2)
     q = query.view(batch, num_kv_heads, -1, head_dim)
     o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
-                                       attn_mask=allowed[:, None, None, :], scale=scale)
+                                       attn_mask=plan.decode_mask, scale=scale)
     out.copy_(o.reshape(out.shape))

@@ -14,3 +14,4 @@ class AttentionMetadata:
     block_table: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
     slot_mapping: torch.Tensor  # [num_tokens] int64, block_id * block_size + offset
     attention_backend: str = "auto"
+    plan: object | None = None  # kernels.attention_plan(...) of this step, shared by the layers

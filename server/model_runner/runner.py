@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+import kernels
 from server.config import EngineConfig
 from server.model_runner.attention_metadata import AttentionMetadata
 from server.model_runner.cpu_allocator import keep_freed_memory_mapped
@@ -115,6 +116,9 @@ class ModelRunner:
             slot_mapping=slot_mapping.to(dev),
             attention_backend=self.config.model.attention_backend,
         )
+        md.plan = kernels.attention_plan(md.block_table, md.seq_lens, md.query_start_loc,
+                                         self.block_size, self.arch.sliding_window,
+                                         backend=md.attention_backend)
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         return input_ids, positions.to(dev), md
 

@@ -15,13 +15,14 @@ from server.model_runner.attention_metadata import AttentionMetadata
 from server.models.arch_config import ArchConfig
 from server.models.layers.linear import Linear, linear, packed_weight
 from server.models.layers.norm import RMSNorm
-from server.models.layers.rotary import RotaryEmbedding
+from server.models.layers.rotary import RotaryEmbedding, rotate
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # each [num_blocks, block_size, num_kv_heads, head_dim]
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin at the step's positions: [tokens, 1, head_dim]
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_heads, cfg.num_kv_heads,
                                                             cfg.head_dim)
@@ -32,27 +33,31 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.rotary = rotary
         self.scale = self.head_dim ** -0.5
         self.sliding_window = cfg.sliding_window
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
+    def forward(self, rope: Rope, x: torch.Tensor, kv_cache: KVCache,
                 md: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads,
+                                                     self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            q, k = qkv[:, :self.q_size + self.kv_size].split([self.q_size, self.kv_size], -1)
+            q = rotate(self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim)), *rope)
+            k = rotate(self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim)), *rope)
+        else:  # q and k rotated in one go: their heads are adjacent columns of qkv
+            qk = qkv[:, :self.q_size + self.kv_size].view(
+                num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+            qk = rotate(qk, *rope)
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         key_cache, value_cache = kv_cache
         kernels.reshape_and_cache(k, v, key_cache, value_cache, md.slot_mapping,
                                   backend=md.attention_backend)
         out = kernels.paged_attention(q, key_cache, value_cache, md.block_table, md.seq_lens,
                                       md.query_start_loc, self.scale,
                                       sliding_window=self.sliding_window,
-                                      backend=md.attention_backend)
+                                      backend=md.attention_backend, plan=md.plan)
         return self.o_proj(out.view(num_tokens, self.q_size))
 
 
@@ -70,16 +75,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, rotary)
+        self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, kv_cache: KVCache,
+    def forward(self, rope: Rope, h: torch.Tensor, kv_cache: KVCache,
                 md: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, md)
+        h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, md)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -87,18 +92,18 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ArchConfig, max_position: int) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        # One rotary table, shared by every layer.
-        rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_type,
-                                 cfg.rope_scaling)
-        self.rotary = rotary
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
+        # One rotary table; its cos/sin at this step's positions are shared by every layer.
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_type,
+                                      cfg.rope_scaling)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], md: AttentionMetadata) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
+        rope = self.rotary.cos_sin(positions, h.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(positions, h, kv_cache, md)
+            h = layer(rope, h, kv_cache, md)
         return self.norm(h)
 
 

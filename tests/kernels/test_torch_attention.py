@@ -38,3 +38,28 @@ def test_torch_path_decode_rows_inside_a_mixed_batch(assert_close):
                        dtype=torch.float32, seed=3)
     out = kernels.paged_attention(*batch.args(), backend="torch")
     assert_close(out, reference.paged_attention(*batch.args()))
+
+
+def test_one_plan_serves_every_call_of_a_step(assert_close):
+    """A plan built once gives each call the reference's result; a plan for another window or
+    block size is not trusted (rebuilt)."""
+    seqs = [(20, 1), (0, 17), (33, 1), (5, 4), (2, 1)]
+    batch = make_batch(seqs, num_kv_heads=2, group=4, head_dim=64, block_size=16,
+                       dtype=torch.float32, seed=5)
+    _, _, _, table, seq_lens, starts = batch.args()[:6]
+    plan = kernels.attention_plan(table, seq_lens, starts, 16, None, backend="torch")
+    expected = reference.paged_attention(*batch.args())
+    for _ in range(2):
+        assert_close(kernels.paged_attention(*batch.args(), backend="torch", plan=plan), expected)
+    windowed = reference.paged_attention(*batch.args(), sliding_window=7)
+    assert_close(kernels.paged_attention(*batch.args(), sliding_window=7, backend="torch",
+                                         plan=plan), windowed)
+
+
+def test_all_decode_plan_batches_every_row():
+    seqs = [(20, 1), (33, 1), (2, 1)]
+    batch = make_batch(seqs, num_kv_heads=1, group=2, head_dim=64, block_size=16,
+                       dtype=torch.float32, seed=6)
+    _, _, _, table, seq_lens, starts = batch.args()[:6]
+    plan = kernels.attention_plan(table, seq_lens, starts, 16, None, backend="torch")
+    assert plan.all_decode and not plan.prefills and plan.decode_width == 3

@@ -13,7 +13,7 @@ from torch import nn
 import kernels
 from server.model_runner.attention_metadata import AttentionMetadata
 from server.models.arch_config import ArchConfig
-from server.models.layers.linear import Linear, linear, packed_weight
+from server.models.layers.linear import Linear, PackedWeight, linear, packed_weight
 from server.models.layers.norm import RMSNorm
 from server.models.layers.rotary import RotaryEmbedding, rotate
 
@@ -120,7 +120,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg, max_position)
         self.lm_head = (None if cfg.tie_word_embeddings
                         else Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
-        self._tied_packed: torch.Tensor | None = None
+        self._tied_packed: PackedWeight | None = None
 
     def shard_sizes(self, fused: str) -> list[int]:
         cfg = self.config

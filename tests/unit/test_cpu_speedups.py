@@ -28,18 +28,39 @@ def test_packed_path_is_taken_only_from_min_rows(monkeypatch):
     layer = Linear(32, 48)
     assert layer.pack()
     calls = []
-    real = torch.ops.mkldnn._linear_pointwise
+    real = linear_mod._run_packed
 
-    class Spy:
-        @staticmethod
-        def _linear_pointwise(*args):
-            calls.append(args[0].shape[0])
-            return real(*args)
+    def spy(x, *args):
+        calls.append(x.shape[0])
+        return real(x, *args)
 
-    monkeypatch.setattr(linear_mod.torch.ops, "mkldnn", Spy)
+    monkeypatch.setattr(linear_mod, "_run_packed", spy)
     layer(torch.randn(PACKED_MIN_ROWS - 1, 32))
     layer(torch.randn(PACKED_MIN_ROWS, 32))
     assert calls == [PACKED_MIN_ROWS]
+
+
+PACKERS = {
+    "mkl": lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, 64),
+    "onednn": lambda w: torch.ops.mkldnn._reorder_linear_weight(w, None),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PACKERS))
+def test_each_packer_matches_f_linear_at_any_row_count(kind):
+    """MKL's copy is packed for one batch size and used for all: the layout must not depend
+    on it. Row counts around SIMD and blocking edges, with and without bias."""
+    torch.manual_seed(1)
+    weight, bias = torch.randn(300, 160), torch.randn(300)
+    try:
+        packed = linear_mod.PackedWeight(kind, PACKERS[kind](weight))
+    except (AttributeError, RuntimeError):
+        pytest.skip(f"this torch build has no {kind} packer")
+    for rows in (1, 3, 4, 15, 16, 17, 63, 64, 65, 129, 1000):
+        x = torch.randn(rows, 160)
+        for b in (None, bias):
+            torch.testing.assert_close(linear_mod._run_packed(x, weight, b, packed),
+                                       F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

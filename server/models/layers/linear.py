@@ -1,15 +1,25 @@
-"""Linear layers that run fp32 GEMMs on CPU from a oneDNN-prepacked copy of the weight.
+"""Linear layers that run fp32 GEMMs on CPU from a prepacked copy of the weight.
 
-torch's CPU `F.linear` calls MKL on the plain [out, in] weight, which for the few-row GEMMs of a
-decode step (4-64 rows) reaches 60-75% of what oneDNN does with a weight reordered once into its
-blocked layout (the logits GEMM at 8 rows: 2x). For 1-3 rows (a lone decode) MKL's GEMV is faster,
-so those keep the plain weight. The packed copy is made after loading, when the runner calls
-`pack_linear_weights`, and costs a second copy of every linear weight in memory.
+torch's CPU `F.linear` hands MKL the plain [out, in] weight, which MKL repacks on every call: for
+the few-row GEMMs of a decode step (4-128 rows) that repacking costs more than the arithmetic.
+Packing once, after loading, measured 1.2-1.3x faster over the SmolLM2-135M layer shapes at 8-64
+rows (and 2x for the logits GEMM at 8 rows); the numbers and the command are in README
+"Benchmarks and performance". Two packers, the first that works on this torch build:
+
+- MKL's packed GEMM (`torch.ops.mkl._mkl_linear`). torch asks for the packing batch size to equal
+  the GEMM's rows; MKL's packed layout does not depend on it (same size, same results for every
+  row count we tried), so one copy serves every batch, and each weight's copy is checked against
+  F.linear at several row counts before it is used.
+- oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`), slower than MKL's at 16+ rows.
+
+For 1-3 rows MKL's GEMV on the plain weight is faster, so those keep it; the packed copy costs a
+second copy of every linear weight in memory.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,42 +28,69 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 PACKED_MIN_ROWS = 4  # measured crossover on 2 Sapphire Rapids cores, README "Benchmarks"
+_MKL_PACK_ROWS = 64  # the batch-size hint given to MKL's packer (the layout ignores it)
+_PROBE_ROWS = (PACKED_MIN_ROWS, 7, 64, 200)
 
 
-def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's prepacked copy of an fp32 CPU weight [out, in]; None where this torch build
-    has no such op or its result disagrees with F.linear."""
+@dataclass(frozen=True, slots=True)
+class PackedWeight:
+    kind: str  # "mkl" or "onednn"
+    tensor: torch.Tensor
+
+
+def _run_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                packed: PackedWeight) -> torch.Tensor:
+    if packed.kind == "mkl":
+        return torch.ops.mkl._mkl_linear(x, packed.tensor, weight, bias, x.shape[0])
+    return torch.ops.mkldnn._linear_pointwise(x, packed.tensor, bias, "none", [], "")
+
+
+def _agrees(packed: PackedWeight, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    for rows in _PROBE_ROWS:
+        probe = torch.randn(rows, weight.shape[1], generator=gen)
+        if not torch.allclose(_run_packed(probe, weight, bias, packed),
+                              F.linear(probe, weight, bias), rtol=1e-4, atol=1e-4):
+            return False
+    return True
+
+
+def packed_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight | None:
+    """A prepacked copy of an fp32 CPU weight [out, in], checked against F.linear; None where
+    this torch build has no packer that agrees."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return None
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        probe = torch.randn(PACKED_MIN_ROWS, weight.shape[1], generator=torch.Generator()
-                            .manual_seed(0))
-        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
-    except (AttributeError, RuntimeError) as e:
-        logger.debug("no oneDNN prepacked linear in this torch: %s", e)
-        return None
-    if not torch.allclose(got, F.linear(probe, weight.detach()), rtol=1e-4, atol=1e-4):
-        logger.warning("oneDNN prepacked linear disagrees with F.linear; not using it")
-        return None
-    return packed
+    weight = weight.detach()
+    bias = None if bias is None else bias.detach()
+    packers = (("mkl", lambda: torch.ops.mkl._mkl_reorder_linear_weight(weight, _MKL_PACK_ROWS)),
+               ("onednn", lambda: torch.ops.mkldnn._reorder_linear_weight(weight, None)))
+    for kind, pack in packers:
+        try:
+            packed = PackedWeight(kind, pack())
+            if _agrees(packed, weight, bias):
+                return packed
+        except (AttributeError, RuntimeError) as e:  # no such op in this build
+            logger.debug("no %s packed linear in this torch: %s", kind, e)
+            continue
+        logger.warning("the %s packed linear disagrees with F.linear; not using it", kind)
+    return None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: torch.Tensor | None) -> torch.Tensor:
+           packed: PackedWeight | None) -> torch.Tensor:
     """F.linear over a [rows, in] input, from `packed` when it is set and rows are many enough."""
     if packed is not None and x.dim() == 2 and x.shape[0] >= PACKED_MIN_ROWS:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return _run_packed(x, weight, bias, packed)
     return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
     """nn.Linear whose forward uses `packed` once `pack()` made it."""
 
-    packed: torch.Tensor | None = None
+    packed: PackedWeight | None = None
 
     def pack(self) -> bool:
-        self.packed = packed_weight(self.weight)
+        self.packed = packed_weight(self.weight, self.bias)
         return self.packed is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

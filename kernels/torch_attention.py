@@ -12,7 +12,7 @@ Everything that depends only on the batch's shape (block ids, masks, which rows 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,16 @@ class AttentionPlan:
     decode_width: int  # blocks gathered per decode (the longest decode's)
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, decode_width * block_size] bool
     prefills: list[_Prefill]
+    # Gather destinations reused by every layer of the step (each layer's attention has
+    # consumed them before the next layer gathers): no fresh multi-MB buffers per layer.
+    buffers: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+    def buffer(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
+        key = (name, rows, like.shape[1:].numel(), like.dtype)
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = like.new_empty((rows, like.shape[1:].numel()))
+        return buf
 
 
 def build_plan(block_table, seq_lens, query_start_loc, block_size: int,
@@ -98,33 +108,41 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
                                                  .to(value_cache.dtype))
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """The cache rows of `blocks` (1-D), as [len(blocks) * block_size, num_kv_heads, head_dim]."""
+def _gather(cache: torch.Tensor, blocks: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """The cache rows of `blocks` (1-D), as [len(blocks) * block_size, num_kv_heads, head_dim];
+    `out`: a [len(blocks), block_size * num_kv_heads * head_dim] destination."""
     num_blocks, block_size, num_kv_heads, head_dim = cache.shape
     if not cache.is_contiguous():  # e.g. K and V as views of one buffer
         return cache[blocks].view(-1, num_kv_heads, head_dim)
-    rows = cache.view(num_blocks, -1).index_select(0, blocks)
+    rows = torch.index_select(cache.view(num_blocks, -1), 0, blocks, out=out)
     return rows.view(-1, num_kv_heads, head_dim)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
                     scale: float, out=None, sliding_window=None,
                     plan: AttentionPlan | None = None) -> torch.Tensor:
-    if out is None:
-        out = torch.empty_like(query)
     block_size = key_cache.shape[1]
     if plan is None or plan.block_size != block_size or plan.sliding_window != sliding_window:
         plan = build_plan(block_table, seq_lens, query_start_loc, block_size, sliding_window)
     if plan.decode_blocks is not None:
         if plan.all_decode:
-            _decode_attention(query, key_cache, value_cache, plan, scale, out)
-        else:
-            assert plan.decode_rows is not None
-            part = torch.empty((len(plan.decode_rows),) + tuple(query.shape[1:]),
-                               dtype=out.dtype, device=out.device)
-            _decode_attention(query[plan.decode_rows], key_cache, value_cache, plan, scale,
-                              part)
-            out[plan.decode_rows] = part
+            o = _decode_attention(query, key_cache, value_cache, plan, scale)
+            if out is None:
+                return o.to(query.dtype)
+            out.copy_(o)
+            return out
+        assert plan.decode_rows is not None
+        if out is None:
+            out = torch.empty_like(query)
+        out[plan.decode_rows] = _decode_attention(query[plan.decode_rows], key_cache,
+                                                  value_cache, plan, scale).to(out.dtype)
+    if out is None:
+        out = torch.empty_like(query)
     for prefill in plan.prefills:
         _one_sequence(query, key_cache, value_cache, prefill, scale, out)
     return out
@@ -135,10 +153,10 @@ def _one_sequence(query, key_cache, value_cache, p: _Prefill, scale, out) -> Non
     group = query.shape[1] // num_kv_heads
     shape = (num_kv_heads, group, p.seq_len, head_dim)
     # [kv_heads, group, seq_len, head_dim], the group dimension an expand of stride 0
-    k = _gather(key_cache, p.blocks)[:p.seq_len].permute(1, 0, 2).float()[:, None].expand(shape)
-    v = _gather(value_cache, p.blocks)[:p.seq_len].permute(1, 0, 2).float()[:, None].expand(shape)
+    k = _f32(_gather(key_cache, p.blocks)[:p.seq_len].permute(1, 0, 2))[:, None].expand(shape)
+    v = _f32(_gather(value_cache, p.blocks)[:p.seq_len].permute(1, 0, 2))[:, None].expand(shape)
     q = query[p.q_start:p.q_start + p.q_len].view(p.q_len, num_kv_heads, group, head_dim)
-    q = q.permute(1, 2, 0, 3).float()  # [kv_heads, group, q_len, head_dim]
+    q = _f32(q.permute(1, 2, 0, 3))  # [kv_heads, group, q_len, head_dim]
     if p.mask is None:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
@@ -146,16 +164,21 @@ def _one_sequence(query, key_cache, value_cache, p: _Prefill, scale, out) -> Non
     out[p.q_start:p.q_start + p.q_len] = o.permute(2, 0, 1, 3).reshape(p.q_len, -1, head_dim)
 
 
-def _decode_attention(query, key_cache, value_cache, plan: AttentionPlan, scale, out) -> None:
-    """Row i of query/out is the one query token of decode i. The G query heads sharing a
-    kv head act as G query rows of one attention call over that head's keys."""
+def _decode_attention(query, key_cache, value_cache, plan: AttentionPlan,
+                      scale) -> torch.Tensor:
+    """Row i of query is the one query token of decode i; returns [rows, heads, head_dim] fp32.
+    The G query heads sharing a kv head act as G query rows of one attention call over that
+    head's keys."""
     assert plan.decode_blocks is not None
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
     batch = query.shape[0]
     shape = (batch, plan.decode_width * plan.block_size, num_kv_heads, head_dim)
-    k = _gather(key_cache, plan.decode_blocks).view(shape).transpose(1, 2)
-    v = _gather(value_cache, plan.decode_blocks).view(shape).transpose(1, 2)
-    q = query.view(batch, num_kv_heads, -1, head_dim)
-    o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
-                                       attn_mask=plan.decode_mask, scale=scale)
-    out.copy_(o.reshape(out.shape))
+    rows = len(plan.decode_blocks)
+    k_out = plan.buffer("k", rows, key_cache) if key_cache.is_contiguous() else None
+    v_out = plan.buffer("v", rows, value_cache) if value_cache.is_contiguous() else None
+    k = _gather(key_cache, plan.decode_blocks, k_out).view(shape).transpose(1, 2)
+    v = _gather(value_cache, plan.decode_blocks, v_out).view(shape).transpose(1, 2)
+    q = query.reshape(batch, num_kv_heads, -1, head_dim)
+    o = F.scaled_dot_product_attention(_f32(q), _f32(k), _f32(v), attn_mask=plan.decode_mask,
+                                       scale=scale)
+    return o.reshape(batch, -1, head_dim)

@@ -3,6 +3,8 @@ straightforward reference, over the same sampled matrix as the Triton kernels.""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -49,8 +51,12 @@ def test_one_plan_serves_every_call_of_a_step(assert_close):
     _, _, _, table, seq_lens, starts = batch.args()[:6]
     plan = kernels.attention_plan(table, seq_lens, starts, 16, None, backend="torch")
     expected = reference.paged_attention(*batch.args())
-    for _ in range(2):
-        assert_close(kernels.paged_attention(*batch.args(), backend="torch", plan=plan), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a reused gather buffer of the wrong shape
+        for _ in range(2):
+            assert_close(kernels.paged_attention(*batch.args(), backend="torch", plan=plan),
+                         expected)
+    assert sorted(k[0] for k in plan.buffers) == ["k", "v"]  # one K and one V buffer, reused
     windowed = reference.paged_attention(*batch.args(), sliding_window=7)
     assert_close(kernels.paged_attention(*batch.args(), sliding_window=7, backend="torch",
                                          plan=plan), windowed)

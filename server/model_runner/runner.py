@@ -32,6 +32,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, arch: ArchConfig, model_dir: Path,
                  max_model_len: int) -> None:
@@ -46,7 +58,10 @@ class ModelRunner:
         self.model = load_model(model_dir, arch, self.dtype, self.device,
                                 max_position=max(max_model_len, arch.max_position_embeddings))
         if self.device.type == "cpu":
-            logger.info("oneDNN-prepacked %d linear weights", pack_linear_weights(self.model))
+            # A packed copy may take at most half of the memory still available.
+            budget = _available_memory_bytes()
+            count = pack_linear_weights(self.model, None if budget is None else budget // 2)
+            logger.info("prepacked %d linear weights for CPU GEMMs", count)
         self.num_blocks = self._num_blocks_from_budget()
         shape = (self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),

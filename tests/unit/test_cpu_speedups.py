@@ -86,6 +86,14 @@ def test_pack_linear_weights_counts_modules_and_the_model_hook():
     assert model.a.packed is not None and not hasattr(model.plain, "packed")
 
 
+def test_packing_is_skipped_when_the_copies_exceed_the_budget():
+    model = torch.nn.Sequential(Linear(64, 64), Linear(64, 32))
+    needed = sum(p.nbytes for p in model.parameters() if p.dim() == 2)
+    assert pack_linear_weights(model, budget_bytes=needed - 1) == 0
+    assert all(m.packed is None for m in model)
+    assert pack_linear_weights(model, budget_bytes=needed) == 2
+
+
 def test_tied_logits_head_uses_a_packed_embedding(tmp_path):
     from server import LLM
     from tests.model_factory import make_tiny_model

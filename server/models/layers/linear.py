@@ -13,7 +13,7 @@ rows (and 2x for the logits GEMM at 8 rows); the numbers and the command are in 
 - oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`), slower than MKL's at 16+ rows.
 
 For 1-3 rows MKL's GEMV on the plain weight is faster, so those keep it; the packed copy costs a
-second copy of every linear weight in memory.
+second copy of every linear weight in memory, hence the runner's budget (`pack_linear_weights`).
 """
 
 from __future__ import annotations
@@ -97,9 +97,17 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias, self.packed)
 
 
-def pack_linear_weights(model: nn.Module) -> int:
+def pack_linear_weights(model: nn.Module, budget_bytes: int | None = None) -> int:
     """Packs every `Linear` of `model` (and whatever else its `pack_weights` hook packs);
-    returns how many weights were packed."""
+    returns how many weights were packed. Packs nothing when a second copy of every weight
+    matrix (the most packing can add) would exceed `budget_bytes`."""
+    if budget_bytes is not None:
+        needed = sum(p.nbytes for p in model.parameters() if p.dim() == 2)
+        if needed > budget_bytes:
+            logger.warning("not prepacking linear weights: %.1f GiB of copies would exceed the "
+                           "%.1f GiB budget; GEMMs use the plain weights", needed / 2**30,
+                           budget_bytes / 2**30)
+            return 0
     count = sum(m.pack() for m in model.modules() if isinstance(m, Linear))
     hook = getattr(model, "pack_weights", None)
     if hook is not None:

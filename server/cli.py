@@ -22,6 +22,8 @@ _BENCH_COMMANDS = {
     "roofline": ("server.bench.roofline", "this machine's matmul rate and memory bandwidth, "
                  "and the workload's ceilings"),
     "kernels": ("server.bench.kernels", "Triton kernel correctness and speed on CUDA"),
+    "profile": ("server.bench.profile_step", "where a decode step's time goes: phases and "
+                "top ops at a fixed batch"),
 }
 
 

@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the summary")
+    add_engine_arguments(parser)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's flags, shared by the offline benchmarks (`engine_kwargs` reads them)."""
     engine = parser.add_argument_group("engine")
     engine.add_argument("--dtype", default="auto",
                         choices=["auto", "float32", "float16", "bfloat16"])

@@ -1,0 +1,145 @@
+"""`pagedserve bench profile`: where one engine step's time goes, at a fixed decode batch.
+
+Adds --batch-size random prompts of --input-len tokens (greedy, ignore_eos), steps the engine
+until every prompt is prefilled plus --warmup-steps decode steps, then times --steps decode steps
+twice: once split into the step's phases (schedule, input preparation, model forward, logits,
+sampling, update), once under torch.profiler for the ops that take the time. The two passes are
+separate so that the profiler's overhead does not show in the phase times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from server.bench.offline import add_engine_arguments, engine_kwargs
+from server.bench.serve import make_prompts
+
+PHASES = ("schedule", "prepare", "forward", "logits", "sample", "update")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every `bench profile` flag (the CLI adds --log-level)."""
+    parser.add_argument("--model", default=None,
+                        help="Hugging Face model directory (default: the bundled stories260k)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences decoding together")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per sequence")
+    parser.add_argument("--vocab-size", type=int, default=500,
+                        help="random prompt token ids are drawn below this")
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="decode steps measured per pass")
+    parser.add_argument("--top", type=int, default=15, help="ops listed")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the summary")
+    add_engine_arguments(parser)
+
+
+def _wrap(owner: Any, name: str, totals: dict[str, float], phase: str) -> Callable[[], None]:
+    """Times every call of `owner.name` into totals[phase]; returns the undo."""
+    original = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[phase] += time.perf_counter() - start
+
+    own = vars(owner)
+    had_own, previous = name in own, own.get(name)
+    setattr(owner, name, timed)
+
+    def undo() -> None:
+        if had_own:
+            setattr(owner, name, previous)
+        else:
+            delattr(owner, name)
+    return undo
+
+
+def phase_times(engine, steps: int) -> tuple[float, dict[str, float]]:
+    """Mean step time and mean time per phase, both in ms, over `steps` engine steps."""
+    totals: dict[str, float] = defaultdict(float)
+    runner, scheduler = engine.runner, engine.scheduler
+    undo = [_wrap(scheduler, "schedule", totals, "schedule"),
+            _wrap(runner, "_prepare", totals, "prepare"),
+            _wrap(runner.model, "forward", totals, "forward"),
+            _wrap(runner.model, "compute_logits", totals, "logits"),
+            _wrap(runner, "sampler", totals, "sample"),
+            _wrap(scheduler, "update_from_output", totals, "update")]
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        elapsed = time.perf_counter() - start
+    finally:
+        for u in undo:
+            u()
+    return 1e3 * elapsed / steps, {p: 1e3 * totals[p] / steps for p in PHASES}
+
+
+def top_ops(engine, steps: int, top: int) -> list[dict]:
+    """The ops with the most self CPU time over `steps` steps, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+             "calls_per_step": e.count / steps, "share": e.self_cpu_time_total / total}
+            for e in events[:top]]
+
+
+def _reach_decode(engine, warmup_steps: int) -> None:
+    scheduler = engine.scheduler
+    while scheduler.waiting or any(r.num_computed_tokens < len(r.prompt_token_ids)
+                                   for r in scheduler.running):
+        engine.step()
+    for _ in range(warmup_steps):
+        engine.step()
+
+
+def format_profile(summary: dict) -> str:
+    lines = [f"decode batch {summary['batch_size']}, context {summary['input_len']}+ tokens: "
+             f"{summary['step_ms']:.1f} ms per step"]
+    for phase in PHASES:
+        ms = summary["phases_ms"][phase]
+        lines.append(f"  {phase:<9} {ms:8.2f} ms  {100 * ms / summary['step_ms']:5.1f}%")
+    lines.append("ops by self CPU time (torch.profiler, separate pass):")
+    width = max((len(o["op"]) for o in summary["ops"]), default=10)
+    for o in summary["ops"]:
+        lines.append(f"  {o['op']:<{width}}  {o['self_ms_per_step']:8.2f} ms/step  "
+                     f"{100 * o['share']:5.1f}%  {o['calls_per_step']:7.1f} calls/step")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    from server import LLM, SamplingParams
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    engine = llm.engine
+    total_steps = args.warmup_steps + 2 * args.steps + 2
+    if args.input_len + total_steps > engine.max_model_len:
+        raise SystemExit(f"--input-len {args.input_len} plus {total_steps} decode steps exceeds "
+                         f"max_model_len={engine.max_model_len}")
+    params = SamplingParams(max_tokens=total_steps + 8, temperature=0.0, ignore_eos=True)
+    prompts = make_prompts(args.batch_size, args.input_len, args.vocab_size, args.seed)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"profile-{i}", prompt, params)
+    _reach_decode(engine, args.warmup_steps)
+    step_ms, phases = phase_times(engine, args.steps)
+    summary = {"batch_size": args.batch_size, "input_len": args.input_len, "steps": args.steps,
+               "step_ms": step_ms, "phases_ms": phases,
+               "ops": top_ops(engine, args.steps, args.top),
+               "model": str(engine.model_dir), "engine": engine_kwargs(args)}
+    print(format_profile(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0

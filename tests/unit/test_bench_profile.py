@@ -1,0 +1,45 @@
+"""`pagedserve bench profile` on the bundled model: phases that add up, ops, and an engine left
+as it was found (the phase timers are removed again)."""
+
+from __future__ import annotations
+
+import json
+
+from server.bench import profile_step
+from server.cli import build_parser
+
+
+def test_profile_reports_phases_and_ops(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    args = build_parser().parse_args([
+        "bench", "profile", "--batch-size", "3", "--input-len", "20", "--steps", "2",
+        "--warmup-steps", "1", "--top", "5", "--kv-cache-memory", str(1 << 24),
+        "--json", str(out)])
+    assert args.func(args) == 0
+    summary = json.loads(out.read_text())
+    assert summary["batch_size"] == 3 and summary["steps"] == 2
+    phases = summary["phases_ms"]
+    assert set(phases) == set(profile_step.PHASES)
+    assert all(v >= 0 for v in phases.values())
+    assert phases["forward"] > 0 and sum(phases.values()) <= summary["step_ms"] * 1.01
+    assert 0 < len(summary["ops"]) <= 5
+    assert all(0 <= o["share"] <= 1 and o["calls_per_step"] > 0 for o in summary["ops"])
+    printed = capsys.readouterr().out
+    assert "decode batch 3" in printed and "forward" in printed
+
+
+def test_phase_timers_are_removed_again():
+    from server import LLM, SamplingParams
+
+    engine = LLM(kv_cache_memory=1 << 24).engine
+    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=6, temperature=0.0))
+    runner, scheduler = engine.runner, engine.scheduler
+    before = (vars(runner).get("sampler"), "_prepare" in vars(runner),
+              "schedule" in vars(scheduler), "forward" in vars(runner.model))
+    step_ms, phases = profile_step.phase_times(engine, 2)
+    assert step_ms > 0 and phases["forward"] > 0
+    after = (vars(runner).get("sampler"), "_prepare" in vars(runner),
+             "schedule" in vars(scheduler), "forward" in vars(runner.model))
+    assert after == before
+    while engine.has_unfinished_requests():
+        engine.step()

@@ -32,16 +32,26 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+def _available_memory_bytes(proc: str = "/proc/meminfo",
+                            cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """What this process may still allocate: MemAvailable (Linux), capped by a cgroup v2 memory
+    limit (a container's) when there is one; None where neither can be read."""
+    limits: list[int] = []
     try:
-        with open("/proc/meminfo") as f:
+        with open(proc) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
         pass
-    return None
+    try:
+        with open(f"{cgroup}/memory.max") as f_max, open(f"{cgroup}/memory.current") as f_cur:
+            limit, current = f_max.read().strip(), f_cur.read().strip()
+        if limit != "max":
+            limits.append(max(0, int(limit) - int(current)))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
 
 
 class ModelRunner:

@@ -112,3 +112,20 @@ def test_tied_logits_head_uses_a_packed_embedding(tmp_path):
 def test_malloc_thresholds_apply_and_are_idempotent():
     assert keep_freed_memory_mapped()
     assert keep_freed_memory_mapped()
+
+
+def test_available_memory_is_capped_by_a_cgroup_limit(tmp_path):
+    from server.model_runner.runner import _available_memory_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert _available_memory_bytes(str(meminfo), str(cgroup)) == 20000000 * 1024
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("1000\n")
+    assert _available_memory_bytes(str(meminfo), str(cgroup)) == 20000000 * 1024
+    (cgroup / "memory.max").write_text(f"{4 << 30}\n")
+    (cgroup / "memory.current").write_text(f"{1 << 30}\n")
+    assert _available_memory_bytes(str(meminfo), str(cgroup)) == 3 << 30
+    assert _available_memory_bytes(str(tmp_path / "none"), str(tmp_path / "none")) is None

@@ -3,7 +3,7 @@
 torch's CPU `F.linear` hands MKL the plain [out, in] weight, which MKL repacks on every call: for
 the few-row GEMMs of a decode step (4-128 rows) that repacking costs more than the arithmetic.
 Packing once, after loading, measured 1.2-1.3x faster over the SmolLM2-135M layer shapes at 8-64
-rows (and ~2x for the logits GEMM at 8 rows), 1.15x end to end offline (README "Benchmarks and
+rows (and ~2x for the logits GEMM at 8 rows), 1.20x end to end offline (README "Benchmarks and
 performance" has that A/B command). Two packers, the first that works on this torch build:
 
 - MKL's packed GEMM (`torch.ops.mkl._mkl_linear`). torch asks for the packing batch size to equal

@@ -31,6 +31,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per engine config field (server/config.py)."""
     parser.add_argument("model", nargs="?", default=None,
                         help="Hugging Face model directory (default: the bundled stories260k)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the sampler for requests without their own seed")
+    add_engine_flags(parser)
+
+
+def add_engine_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The engine flags other than the model and the sampler seed, which the offline benchmarks
+    take differently (--model; --seed seeds their prompts)."""
     parser.add_argument("--dtype", default="auto",
                         choices=["auto", "float32", "float16", "bfloat16"],
                         help="weight and activation dtype; auto takes config.json's")
@@ -38,8 +46,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default="auto",
                         choices=["auto", "torch", "triton"],
                         help="attention kernels: auto is Triton on CUDA and torch elsewhere")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the sampler for requests without their own seed")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context length cap (default: the model's)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
@@ -55,8 +61,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
-                attention_backend=args.attention_backend,
+    return dict(model=args.model, seed=args.seed, **engine_flag_kwargs(args))
+
+
+def engine_flag_kwargs(args: argparse.Namespace) -> dict:
+    """The engine arguments `add_engine_flags` parsed."""
+    return dict(dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
                 max_model_len=args.max_model_len, block_size=args.block_size,
                 kv_cache_memory=args.kv_cache_memory,
                 enable_prefix_caching=args.enable_prefix_caching,

@@ -10,6 +10,7 @@ import json
 import time
 
 from server.bench.serve import make_prompts, warmup_prompt_for
+from server.cli import add_engine_flags, engine_flag_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,33 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the summary")
-    add_engine_arguments(parser)
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The engine's flags, shared by the offline benchmarks (`engine_kwargs` reads them)."""
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--dtype", default="auto",
-                        choices=["auto", "float32", "float16", "bfloat16"])
-    engine.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    engine.add_argument("--attention-backend", default="auto",
-                        choices=["auto", "torch", "triton"])
-    engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--block-size", type=int, default=16)
-    engine.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache")
-    engine.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
-                        action="store_false")
-    engine.add_argument("--max-num-seqs", type=int, default=256)
-    engine.add_argument("--max-num-batched-tokens", type=int, default=2048)
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
-                max_model_len=args.max_model_len, block_size=args.block_size,
-                kv_cache_memory=args.kv_cache_memory,
-                enable_prefix_caching=args.enable_prefix_caching,
-                max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens)
+    add_engine_flags(parser.add_argument_group("engine"))
 
 
 def summarize_offline(num_requests: int, num_prompt_tokens: int, num_output_tokens: int,
@@ -82,7 +57,7 @@ def main(args) -> int:
 
     prompts = make_prompts(args.num_prompts, args.input_len, args.vocab_size, args.seed)
     start = time.perf_counter()
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(args.model, **engine_flag_kwargs(args))
     load_s = time.perf_counter() - start
     llm.generate([warmup_prompt_for(prompts[0])],
                  SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=args.ignore_eos))
@@ -95,7 +70,7 @@ def main(args) -> int:
                                 sum(len(o.outputs[0].token_ids) for o in outputs), elapsed)
     summary.update(load_s=load_s, model=str(llm.engine.model_dir), input_len=args.input_len,
                    output_len=args.output_len, ignore_eos=args.ignore_eos, seed=args.seed,
-                   engine=engine_kwargs(args))
+                   engine=engine_flag_kwargs(args))
     print(format_offline(summary))
     if args.json:
         with open(args.json, "w") as f:

@@ -16,8 +16,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from server.bench.offline import add_engine_arguments, engine_kwargs
 from server.bench.serve import make_prompts
+from server.cli import add_engine_flags, engine_flag_kwargs
 
 PHASES = ("schedule", "prepare", "forward", "logits", "sample", "update")
 
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=15, help="ops listed")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the summary")
-    add_engine_arguments(parser)
+    add_engine_flags(parser.add_argument_group("engine"))
 
 
 def _wrap(owner: Any, name: str, totals: dict[str, float], phase: str) -> Callable[[], None]:
@@ -122,7 +122,7 @@ def format_profile(summary: dict) -> str:
 def main(args) -> int:
     from server import LLM, SamplingParams
 
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(args.model, **engine_flag_kwargs(args))
     engine = llm.engine
     total_steps = args.warmup_steps + 2 * args.steps + 2
     if args.input_len + total_steps > engine.max_model_len:
@@ -137,7 +137,7 @@ def main(args) -> int:
     summary = {"batch_size": args.batch_size, "input_len": args.input_len, "steps": args.steps,
                "step_ms": step_ms, "phases_ms": phases,
                "ops": top_ops(engine, args.steps, args.top),
-               "model": str(engine.model_dir), "engine": engine_kwargs(args)}
+               "model": str(engine.model_dir), "engine": engine_flag_kwargs(args)}
     print(format_profile(summary))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,16 +1,18 @@
 """Attention over a paged KV cache. Imports torch and, when installed, triton.
 
-Every entry point takes `backend`: "auto" (CUDA tensors -> Triton, anything else -> torch),
-"triton" (forces the Triton kernels; on CPU tensors they run under TRITON_INTERPRET=1), or
-"torch" (kernels/torch_attention.py; kernels/reference.py is the plain reference the tests
-compare everything with).
+Every entry point takes `backend`: "auto" (CUDA tensors -> Triton; anything else -> "cpu" when
+the compiled CPU kernels build on this machine, else "torch"), "triton" (forces the Triton
+kernels; on CPU tensors they run under TRITON_INTERPRET=1), "torch" (kernels/torch_attention.py,
+torch ops only) or "cpu" (the torch path with fp32 decodes in the compiled kernel of
+kernels/cpu_attention.py; falls back to "torch" where that cannot be built).
+kernels/reference.py is the plain reference the tests compare everything with.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels import reference, torch_attention
+from kernels import cpu_attention, reference, torch_attention
 
 try:  # the Triton modules; bound to private names, the entry points below keep the public ones
     from kernels import paged_attention as _triton_attention
@@ -18,16 +20,18 @@ try:  # the Triton modules; bound to private names, the entry points below keep 
 except ImportError:  # no triton: the torch path only
     _triton_attention = _triton_cache = None  # type: ignore[assignment]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
 def _resolve(backend: str, tensor: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if tensor.is_cuda and _triton_attention is not None else "torch"
+        backend = "triton" if tensor.is_cuda and _triton_attention is not None else "cpu"
     if backend == "triton" and _triton_attention is None:
         raise ValueError("backend 'triton' needs the triton package, which is not installed")
+    if backend == "cpu" and (tensor.is_cuda or not cpu_attention.available()):
+        backend = "torch"
     return backend
 
 
@@ -44,10 +48,11 @@ def attention_plan(block_table, seq_lens, query_start_loc, block_size: int,
                    sliding_window: int | None, backend: str = "auto"):
     """What the torch path's calls of one step share (block ids, masks), built once for all
     layers and passed back as `paged_attention(..., plan=)`; None where Triton runs."""
-    if _resolve(backend, block_table) == "triton":
+    resolved = _resolve(backend, block_table)
+    if resolved == "triton":
         return None
     return torch_attention.build_plan(block_table, seq_lens, query_start_loc, block_size,
-                                      sliding_window)
+                                      sliding_window, native=resolved == "cpu")
 
 
 def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
@@ -56,10 +61,14 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_
     """Causal attention of a flattened batch over the paged cache; see kernels.reference.
     `num_splits` (Triton only): None picks split-KV automatically, 1 turns it off.
     `plan` (torch only): `attention_plan(...)` of this batch."""
-    if _resolve(backend, query) == "triton":
+    resolved = _resolve(backend, query)
+    if resolved == "triton":
         return _triton_attention.paged_attention(
             query, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
             out=out, sliding_window=sliding_window, num_splits=num_splits)
+    if plan is None and resolved == "cpu":
+        plan = torch_attention.build_plan(block_table, seq_lens, query_start_loc,
+                                          key_cache.shape[1], sliding_window, native=True)
     return torch_attention.paged_attention(query, key_cache, value_cache, block_table, seq_lens,
                                            query_start_loc, scale, out=out,
                                            sliding_window=sliding_window, plan=plan)

@@ -7,7 +7,9 @@ block, ~9x faster than advanced indexing on CPU), and GQA is an `expand` of the 
 their query group (no copy; SDPA's enable_gqa falls back to the slow math path on CPU).
 
 Everything that depends only on the batch's shape (block ids, masks, which rows decode) is an
-`AttentionPlan`, built once per step by `build_plan` and shared by every layer's call.
+`AttentionPlan`, built once per step by `build_plan` and shared by every layer's call. A plan
+built with `native=True` (backend "cpu") sends the decodes, fp32, to the compiled kernel of
+kernels/cpu_attention.py instead, which reads the blocks in place: no gather at all.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from kernels import cpu_attention
 
 
 @dataclass(slots=True)
@@ -28,15 +32,24 @@ class _Prefill:
 
 
 @dataclass(slots=True)
+class _DecodeGather:
+    blocks: torch.Tensor  # [num_decodes * width] int64
+    width: int  # blocks gathered per decode (the longest decode's)
+    mask: torch.Tensor  # [num_decodes, 1, 1, width * block_size] bool
+
+
+@dataclass(slots=True)
 class AttentionPlan:
     block_size: int
     sliding_window: int | None
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
     all_decode: bool  # every sequence has exactly one query token: rows are sequences
     decode_rows: torch.Tensor | None  # [num_decodes] int64 query rows of the batched decodes
-    decode_blocks: torch.Tensor | None  # [num_decodes * decode_width] int64
-    decode_width: int  # blocks gathered per decode (the longest decode's)
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, decode_width * block_size] bool
+    decode_seqs: torch.Tensor | None  # [num_decodes] int64 their sequences
+    native: bool  # decodes through kernels.cpu_attention where it supports the tensors
     prefills: list[_Prefill]
+    gather: _DecodeGather | None = None  # built on first use: the native kernel needs none
     # Gather destinations reused by every layer of the step (each layer's attention has
     # consumed them before the next layer gathers): no fresh multi-MB buffers per layer.
     buffers: dict[tuple, torch.Tensor] = field(default_factory=dict)
@@ -48,32 +61,38 @@ class AttentionPlan:
             buf = self.buffers[key] = like.new_empty((rows, like.shape[1:].numel()))
         return buf
 
+    def decode_gather(self) -> _DecodeGather:
+        """Block ids and mask of the batched decodes' padded gather."""
+        if self.gather is None:
+            assert self.decode_seqs is not None
+            dec_lens = self.seq_lens[self.decode_seqs].long()
+            width = -(-int(dec_lens.max()) // self.block_size)
+            table = self.block_table if self.all_decode else self.block_table[self.decode_seqs]
+            pos = torch.arange(width * self.block_size, device=dec_lens.device)
+            allowed = pos[None, :] < dec_lens[:, None]
+            if self.sliding_window is not None:
+                allowed &= pos[None, :] > (dec_lens[:, None] - 1 - self.sliding_window)
+            self.gather = _DecodeGather(table[:, :width].long().reshape(-1), width,
+                                        allowed[:, None, None, :])
+        return self.gather
+
 
 def build_plan(block_table, seq_lens, query_start_loc, block_size: int,
-               sliding_window: int | None) -> AttentionPlan:
-    """The per-step part of paged_attention: what every layer's call would recompute."""
+               sliding_window: int | None, native: bool = False) -> AttentionPlan:
+    """The per-step part of paged_attention: what every layer's call would recompute.
+    `native`: run the decodes through the compiled CPU kernel when the tensors allow."""
     num_seqs = seq_lens.shape[0]
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     q_lens = [starts[i + 1] - starts[i] for i in range(num_seqs)]
     all_decode = starts[-1] == num_seqs and all(n == 1 for n in q_lens)
     decodes = [i for i in range(num_seqs) if q_lens[i] == 1]
-    if not all_decode and len(decodes) < 2:
+    if not all_decode and len(decodes) < (1 if native else 2):
         decodes = []
     device = block_table.device
-    decode_rows = decode_blocks = decode_mask = None
-    width = 0
+    decode_rows = decode_seqs = None
     if decodes:
-        rows = torch.tensor(decodes, device=device)
-        dec_lens = torch.tensor([lens[i] for i in decodes], device=device)
-        width = -(-max(lens[i] for i in decodes) // block_size)
-        table = block_table if all_decode else block_table[rows]
-        decode_blocks = table[:, :width].long().reshape(-1)
-        pos = torch.arange(width * block_size, device=device)
-        allowed = pos[None, :] < dec_lens[:, None]
-        if sliding_window is not None:
-            allowed &= pos[None, :] > (dec_lens[:, None] - 1 - sliding_window)
-        decode_mask = allowed[:, None, None, :]
+        decode_seqs = torch.tensor(decodes, device=device)
         decode_rows = torch.tensor([starts[i] for i in decodes], device=device)
     done = set(decodes)
     prefills = []
@@ -90,8 +109,8 @@ def build_plan(block_table, seq_lens, query_start_loc, block_size: int,
             if sliding_window is not None:
                 mask &= k_pos > q_pos - sliding_window
         prefills.append(_Prefill(starts[i], q_len, seq_len, blocks, mask))
-    return AttentionPlan(block_size, sliding_window, all_decode, decode_rows, decode_blocks,
-                         width, decode_mask, prefills)
+    return AttentionPlan(block_size, sliding_window, block_table, seq_lens, all_decode,
+                         decode_rows, decode_seqs, native, prefills)
 
 
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
@@ -128,19 +147,28 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_
                     plan: AttentionPlan | None = None) -> torch.Tensor:
     block_size = key_cache.shape[1]
     if plan is None or plan.block_size != block_size or plan.sliding_window != sliding_window:
-        plan = build_plan(block_table, seq_lens, query_start_loc, block_size, sliding_window)
-    if plan.decode_blocks is not None:
-        if plan.all_decode:
+        native = plan.native if plan is not None else False
+        plan = build_plan(block_table, seq_lens, query_start_loc, block_size, sliding_window,
+                          native)
+    if plan.decode_rows is not None:
+        if plan.native and cpu_attention.supports(query, key_cache, value_cache, out):
+            if out is None:
+                out = torch.empty_like(query)
+            assert plan.decode_seqs is not None
+            cpu_attention.paged_decode(query, key_cache, value_cache, plan.block_table,
+                                       plan.seq_lens, plan.decode_rows, plan.decode_seqs,
+                                       scale, out, sliding_window)
+        elif plan.all_decode:
             o = _decode_attention(query, key_cache, value_cache, plan, scale)
             if out is None:
                 return o.to(query.dtype)
             out.copy_(o)
             return out
-        assert plan.decode_rows is not None
-        if out is None:
-            out = torch.empty_like(query)
-        out[plan.decode_rows] = _decode_attention(query[plan.decode_rows], key_cache,
-                                                  value_cache, plan, scale).to(out.dtype)
+        else:
+            if out is None:
+                out = torch.empty_like(query)
+            out[plan.decode_rows] = _decode_attention(query[plan.decode_rows], key_cache,
+                                                      value_cache, plan, scale).to(out.dtype)
     if out is None:
         out = torch.empty_like(query)
     for prefill in plan.prefills:
@@ -169,16 +197,16 @@ def _decode_attention(query, key_cache, value_cache, plan: AttentionPlan,
     """Row i of query is the one query token of decode i; returns [rows, heads, head_dim] fp32.
     The G query heads sharing a kv head act as G query rows of one attention call over that
     head's keys."""
-    assert plan.decode_blocks is not None
+    gather = plan.decode_gather()
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
     batch = query.shape[0]
-    shape = (batch, plan.decode_width * plan.block_size, num_kv_heads, head_dim)
-    rows = len(plan.decode_blocks)
+    shape = (batch, gather.width * plan.block_size, num_kv_heads, head_dim)
+    rows = len(gather.blocks)
     k_out = plan.buffer("k", rows, key_cache) if key_cache.is_contiguous() else None
     v_out = plan.buffer("v", rows, value_cache) if value_cache.is_contiguous() else None
-    k = _gather(key_cache, plan.decode_blocks, k_out).view(shape).transpose(1, 2)
-    v = _gather(value_cache, plan.decode_blocks, v_out).view(shape).transpose(1, 2)
+    k = _gather(key_cache, gather.blocks, k_out).view(shape).transpose(1, 2)
+    v = _gather(value_cache, gather.blocks, v_out).view(shape).transpose(1, 2)
     q = query.reshape(batch, num_kv_heads, -1, head_dim)
-    o = F.scaled_dot_product_attention(_f32(q), _f32(k), _f32(v), attn_mask=plan.decode_mask,
+    o = F.scaled_dot_product_attention(_f32(q), _f32(k), _f32(v), attn_mask=gather.mask,
                                        scale=scale)
     return o.reshape(batch, -1, head_dim)

@@ -44,8 +44,10 @@ def add_engine_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
                         help="weight and activation dtype; auto takes config.json's")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--attention-backend", default="auto",
-                        choices=["auto", "torch", "triton"],
-                        help="attention kernels: auto is Triton on CUDA and torch elsewhere")
+                        choices=["auto", "torch", "cpu", "triton"],
+                        help="attention kernels: auto is Triton on CUDA and elsewhere cpu (the "
+                             "torch path with a compiled fp32 decode kernel, built on first use "
+                             "with the C++ compiler) or, without a compiler, torch")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context length cap (default: the model's)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")

@@ -19,7 +19,8 @@ class ModelConfig:
     seed: int = 0
     # None: the model's own context length (config.json's max_position_embeddings).
     max_model_len: int | None = None
-    # Attention kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    # Attention kernels: "auto" (Triton on CUDA; elsewhere "cpu" where its compiled kernel builds,
+    # else "torch"), "triton", "cpu" (torch path + compiled fp32 decode kernel) or "torch".
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -27,8 +28,8 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.device not in _DEVICES:
             raise ValueError(f"device must be one of {', '.join(_DEVICES)}, got {self.device!r}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError("attention_backend must be auto, torch or triton, got "
+        if self.attention_backend not in ("auto", "torch", "cpu", "triton"):
+            raise ValueError("attention_backend must be auto, torch, cpu or triton, got "
                              f"{self.attention_backend!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")

@@ -68,4 +68,5 @@ def test_all_decode_plan_batches_every_row():
                        dtype=torch.float32, seed=6)
     _, _, _, table, seq_lens, starts = batch.args()[:6]
     plan = kernels.attention_plan(table, seq_lens, starts, 16, None, backend="torch")
-    assert plan.all_decode and not plan.prefills and plan.decode_width == 3
+    assert plan.all_decode and not plan.prefills and not plan.native
+    assert plan.decode_gather().width == 3 and plan.decode_gather().blocks.numel() == 3 * 3

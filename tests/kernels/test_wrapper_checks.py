@@ -91,7 +91,7 @@ ATTENTION_CASES = {
                           value_cache=lambda a: a["value_cache"].view(12, 8, KV_HEADS, HEAD_DIM)),
                      r"needs block_size >= 16, got 8"),
     "unknown backend": (dict(backend=lambda a: "cuda"),
-                        r"backend must be one of auto, torch, triton, got 'cuda'"),
+                        r"backend must be one of auto, torch, cpu, triton, got 'cuda'"),
 }
 
 

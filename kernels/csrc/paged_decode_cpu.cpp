@@ -1,0 +1,183 @@
+// Decode attention over the paged KV cache on CPU, fp32: one query token per sequence, read
+// straight through the block table (no gathered copy of K and V).
+//
+// One task per (decode, kv head): the G query heads sharing that kv head are scored against its
+// keys block by block (pass 1), softmaxed in place, then the values are summed with those
+// weights (pass 2). K and V are each read once. Tasks are spread over OpenMP threads; torch's
+// libgomp is the one already loaded, so this shares torch's thread pool.
+//
+// Cache layout: [num_blocks, block_size, num_kv_heads, head_dim], the last dim contiguous.
+
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// exp(x) for x <= 0 (Cephes expf: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2], ~1 ulp);
+// flushes below -87 to exp(-87) ~ 1.6e-38. Written so that `omp simd` loops vectorise it.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return y * two_n;
+}
+
+struct Args {
+  const float* query;  // [num_tokens, num_heads, head_dim]
+  int64_t stride_query;
+  float* out;  // [num_tokens, num_heads, head_dim]
+  int64_t stride_out;
+  const float* key_cache;
+  const float* value_cache;
+  int64_t stride_block;  // elements between blocks (same for K and V)
+  int64_t stride_slot;   // elements between the tokens of a block
+  const int32_t* block_table;  // [num_seqs, max_blocks]
+  int64_t stride_table;
+  const int32_t* seq_lens;  // [num_seqs]
+  const int64_t* rows;      // [num_decodes] query row of each decode
+  const int64_t* seqs;      // [num_decodes] sequence (block_table row) of each decode
+  int num_heads, num_kv_heads, block_size;
+  float scale;
+  int sliding_window;  // 0: none
+};
+
+// One task: decode `decode`, kv heads [kv_lo, kv_hi). Tokens are the outer loop, so a block's
+// rows (all kv heads of a token side by side) are read front to back.
+// HEAD_DIM > 0: the head size as a compile-time constant; 0: `head_dim` at run time.
+template <int HEAD_DIM>
+void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head_dim,
+            std::vector<float>& scratch) {
+  const int D = HEAD_DIM > 0 ? HEAD_DIM : head_dim;
+  const int G = a.num_heads / a.num_kv_heads;
+  const int nh = (kv_hi - kv_lo) * G;  // query heads of this task
+  const int64_t seq = a.seqs[decode];
+  const int seq_len = a.seq_lens[seq];
+  const int first = a.sliding_window > 0 && seq_len > a.sliding_window
+                        ? seq_len - a.sliding_window : 0;
+  const int n = seq_len - first;
+  if (n <= 0) return;
+  scratch.resize(static_cast<size_t>(nh) * n + static_cast<size_t>(nh) * D);
+  float* __restrict scores = scratch.data();  // [nh, n]
+  float* __restrict acc = scores + static_cast<size_t>(nh) * n;  // [nh, D]
+  const int64_t head_offset = static_cast<int64_t>(kv_lo) * D;
+  const float* __restrict q = a.query + a.rows[decode] * a.stride_query + head_offset * G;
+  const int32_t* table = a.block_table + seq * a.stride_table;
+
+  // Pass 1: scores[h, t] = scale * q_h . k_t (query head h reads kv head h / G)
+  for (int t0 = first - first % a.block_size; t0 < seq_len; t0 += a.block_size) {
+    const int64_t base = table[t0 / a.block_size] * a.stride_block + head_offset;
+    const int lo = t0 < first ? first : t0;
+    const int hi = t0 + a.block_size < seq_len ? t0 + a.block_size : seq_len;
+    for (int t = lo; t < hi; ++t) {
+      const float* __restrict k = a.key_cache + base + (t - t0) * a.stride_slot;
+      for (int h = 0; h < nh; ++h) {
+        const float* __restrict qh = q + h * D;
+        const float* __restrict kh = k + (h / G) * D;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int d = 0; d < D; ++d) s += qh[d] * kh[d];
+        scores[static_cast<size_t>(h) * n + (t - first)] = s * a.scale;
+      }
+    }
+  }
+  // Softmax of each head's row, in place; the 1 / sum is applied at the end.
+  for (int h = 0; h < nh; ++h) {
+    float* __restrict row = scores + static_cast<size_t>(h) * n;
+    float m = row[0];
+    for (int t = 1; t < n; ++t) m = row[t] > m ? row[t] : m;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int t = 0; t < n; ++t) {
+      const float p = exp_nonpositive(row[t] - m);
+      row[t] = p;
+      sum += p;
+    }
+    acc[h * D] = 1.0f / sum;  // parked until pass 2 starts
+  }
+  float* __restrict o = a.out + a.rows[decode] * a.stride_out + head_offset * G;
+  for (int h = 0; h < nh; ++h) o[h * D] = acc[h * D];
+  // Pass 2: acc[h] = sum_t p[h, t] v_t
+  std::memset(acc, 0, sizeof(float) * nh * D);
+  for (int t0 = first - first % a.block_size; t0 < seq_len; t0 += a.block_size) {
+    const int64_t base = table[t0 / a.block_size] * a.stride_block + head_offset;
+    const int lo = t0 < first ? first : t0;
+    const int hi = t0 + a.block_size < seq_len ? t0 + a.block_size : seq_len;
+    for (int t = lo; t < hi; ++t) {
+      const float* __restrict v = a.value_cache + base + (t - t0) * a.stride_slot;
+      for (int h = 0; h < nh; ++h) {
+        const float p = scores[static_cast<size_t>(h) * n + (t - first)];
+        const float* __restrict vh = v + (h / G) * D;
+        float* __restrict ah = acc + h * D;
+#pragma omp simd
+        for (int d = 0; d < D; ++d) ah[d] += p * vh[d];
+      }
+    }
+  }
+  for (int h = 0; h < nh; ++h) {
+    const float inv_sum = o[h * D];
+#pragma omp simd
+    for (int d = 0; d < D; ++d) o[h * D + d] = acc[h * D + d] * inv_sum;
+  }
+}
+
+template <int HEAD_DIM>
+void run(const Args& a, int64_t num_decodes, int head_dim, int num_threads) {
+  // Whole decodes per task when there are enough of them to keep the threads busy; one kv head
+  // per task otherwise.
+  const int split = num_decodes >= 4 * num_threads ? 1 : a.num_kv_heads;
+  const int per_task = a.num_kv_heads / split;
+  const int64_t num_tasks = num_decodes * split;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < num_tasks; ++task) {
+      const int kv_lo = static_cast<int>(task % split) * per_task;
+      attend<HEAD_DIM>(a, task / split, kv_lo, kv_lo + per_task, head_dim, scratch);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0, or -1 for a head layout it cannot run.
+int pagedserve_paged_decode_f32(
+    const float* query, int64_t stride_query, float* out, int64_t stride_out,
+    const float* key_cache, const float* value_cache, int64_t stride_block, int64_t stride_slot,
+    const int32_t* block_table, int64_t stride_table, const int32_t* seq_lens,
+    const int64_t* rows, const int64_t* seqs, int64_t num_decodes, int num_heads,
+    int num_kv_heads, int head_dim, int block_size, float scale, int sliding_window,
+    int num_threads) {
+  if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0)
+    return -1;
+  const Args a{query, stride_query, out, stride_out, key_cache, value_cache, stride_block,
+               stride_slot, block_table, stride_table, seq_lens, rows, seqs, num_heads,
+               num_kv_heads, block_size, scale, sliding_window};
+  switch (head_dim) {
+    case 64: run<64>(a, num_decodes, head_dim, num_threads); break;
+    case 128: run<128>(a, num_decodes, head_dim, num_threads); break;
+    case 32: run<32>(a, num_decodes, head_dim, num_threads); break;
+    case 96: run<96>(a, num_decodes, head_dim, num_threads); break;
+    case 256: run<256>(a, num_decodes, head_dim, num_threads); break;
+    default: run<0>(a, num_decodes, head_dim, num_threads); break;
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -16,6 +16,7 @@ from server.model_runner.sampler import Sampler, SamplingRow
 from server.models.arch_config import ArchConfig
 from server.models.errors import ModelLoadError
 from server.models.layers.linear import pack_linear_weights
+from server.models.llama import use_fused_cpu_ops
 from server.models.loader import load_model, resolve_dtype
 from server.scheduler.output import SampleResult, SchedulerOutput
 
@@ -72,6 +73,10 @@ class ModelRunner:
             budget = _available_memory_bytes()
             count = pack_linear_weights(self.model, None if budget is None else budget // 2)
             logger.info("prepacked %d linear weights for CPU GEMMs", count)
+            if (self.dtype == torch.float32
+                    and config.model.attention_backend in ("auto", "cpu")
+                    and kernels.cpu_fused.available()):
+                use_fused_cpu_ops(self.model)
         self.num_blocks = self._num_blocks_from_budget()
         shape = (self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels import cpu_fused
 from server.model_runner.attention_metadata import AttentionMetadata
 from server.models.arch_config import ArchConfig
 from server.models.layers.linear import Linear, PackedWeight, linear, packed_weight
@@ -22,6 +23,8 @@ Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin at the step's positions: [t
 
 
 class Attention(nn.Module):
+    fused = False  # rotary through kernels.cpu_fused (set by use_fused_cpu_ops)
+
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_heads, cfg.num_kv_heads,
@@ -49,7 +52,10 @@ class Attention(nn.Module):
         else:  # q and k rotated in one go: their heads are adjacent columns of qkv
             qk = qkv[:, :self.q_size + self.kv_size].view(
                 num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-            qk = rotate(qk, *rope)
+            if self.fused and cpu_fused.supports(qkv):
+                qk = cpu_fused.rotary_(qk, *rope)  # in place: qkv is this call's own
+            else:
+                qk = rotate(qk, *rope)
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         key_cache, value_cache = kv_cache
         kernels.reshape_and_cache(k, v, key_cache, value_cache, md.slot_mapping,
@@ -62,6 +68,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    fused = False  # SiLU-and-mul through kernels.cpu_fused (set by use_fused_cpu_ops)
+
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
@@ -70,7 +78,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused and cpu_fused.supports(gate_up):
+            return self.down_proj(cpu_fused.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -82,10 +93,20 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, rope: Rope, h: torch.Tensor, kv_cache: KVCache,
-                md: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, md)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, rope: Rope, h: torch.Tensor, residual: torch.Tensor | None,
+                kv_cache: KVCache, md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the previous layer's MLP output (the embeddings, for the first layer); residual:
+        the sum of everything before it (None for the first layer), updated in place.
+        Returns this layer's MLP output and the residual stream; their sum is the layer's
+        output in the usual `h + attn(norm(h))`, `h + mlp(norm(h))` form, added in that order."""
+        if residual is None:
+            residual = h
+            x = self.input_layernorm(h)
+        else:
+            x = self.input_layernorm.add_forward(h, residual)
+        x = self.post_attention_layernorm.add_forward(self.self_attn(rope, x, kv_cache, md),
+                                                      residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -102,9 +123,23 @@ class LlamaModel(nn.Module):
                 kv_caches: list[KVCache], md: AttentionMetadata) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         rope = self.rotary.cos_sin(positions, h.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(rope, h, kv_cache, md)
-        return self.norm(h)
+            h, residual = layer(rope, h, residual, kv_cache, md)
+        if residual is None:  # no layers
+            return self.norm(h)
+        return self.norm.add_forward(h, residual)
+
+
+def use_fused_cpu_ops(model: nn.Module) -> int:
+    """Route the norms, SiLU-and-mul and rotary of fp32 CPU activations through
+    kernels.cpu_fused (the caller checked it is available); returns the modules switched."""
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, RMSNorm | MLP | Attention):
+            module.fused = True
+            switched += 1
+    return switched
 
 
 class LlamaForCausalLM(nn.Module):

@@ -129,3 +129,28 @@ def test_available_memory_is_capped_by_a_cgroup_limit(tmp_path):
     (cgroup / "memory.current").write_text(f"{1 << 30}\n")
     assert _available_memory_bytes(str(meminfo), str(cgroup)) == 3 << 30
     assert _available_memory_bytes(str(tmp_path / "none"), str(tmp_path / "none")) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fused_cpu_ops_follow_the_backend_and_keep_the_tokens(tmp_path, arch):
+    """backend auto on fp32 CPU fuses norms, SiLU-and-mul and rotary (kernels.cpu_fused);
+    backend torch keeps torch ops; greedy tokens agree."""
+    from kernels import cpu_fused
+    from server import LLM, SamplingParams
+    from server.models.layers.norm import RMSNorm
+    from tests.model_factory import make_tiny_model
+
+    if not cpu_fused.available():
+        pytest.skip("no C++ compiler: the fused ops are not built")
+    model_dir = make_tiny_model(tmp_path, arch)
+    prompts = [[5, 9, 13, 2, 40], [7] * 19]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    tokens = {}
+    for backend in ("auto", "torch"):
+        llm = LLM(str(model_dir), dtype="float32", device="cpu", attention_backend=backend,
+                  kv_cache_memory=1 << 22)
+        norms = [m for m in llm.engine.runner.model.modules() if isinstance(m, RMSNorm)]
+        assert {m.fused for m in norms} == {backend == "auto"}
+        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], params)]
+    assert tokens["auto"] == tokens["torch"]

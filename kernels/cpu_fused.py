@@ -1,0 +1,85 @@
+"""Fused element-wise decoder-layer steps on CPU through kernels/csrc/fused_cpu.cpp: residual add
++ RMSNorm, SiLU-and-mul, rotary embedding. fp32 CPU tensors whose rows have a contiguous last
+dim; `supports` says when they apply, the callers keep torch code for everything else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from kernels import native
+
+_NAME = "fused_cpu"
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "pagedserve_add_rms_norm_f32": [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _F32, _I32],
+    "pagedserve_silu_and_mul_f32": [_P, _I64, _P, _I64, _I64, _I64, _I32],
+    "pagedserve_rotary_f32": [_P, _I64, _P, _P, _I64, _I32, _I32, _I32],
+}
+
+
+def _library() -> ctypes.CDLL | None:
+    lib = native.load(_NAME)
+    if lib is not None and lib.pagedserve_rotary_f32.argtypes is None:
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def available() -> bool:
+    """Whether the library is built and loaded (builds it on the first call)."""
+    return _library() is not None
+
+
+def supports(t: torch.Tensor) -> bool:
+    """A 2-D fp32 CPU tensor with contiguous rows."""
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2
+            and t.stride(1) == 1)
+
+
+def _lib() -> ctypes.CDLL:
+    lib = _library()
+    assert lib is not None, "call available() first"
+    return lib
+
+
+def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """residual += x (in place; skipped when x is None), then RMSNorm(residual) * weight as a new
+    tensor. All [rows, cols] (weight [cols]), `supports`-ed."""
+    rows, cols = residual.shape
+    assert supports(residual) and weight.is_contiguous() and weight.shape == (cols,)
+    if x is not None:
+        assert supports(x) and x.shape == residual.shape
+    out = torch.empty_like(residual)
+    _lib().pagedserve_add_rms_norm_f32(
+        None if x is None else x.data_ptr(), 0 if x is None else x.stride(0),
+        residual.data_ptr(), residual.stride(0), weight.data_ptr(), out.data_ptr(),
+        out.stride(0), rows, cols, eps, torch.get_num_threads())
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[:, :n]) * x[:, n:] for x [rows, 2n]."""
+    assert supports(x) and x.shape[1] % 2 == 0
+    rows, cols = x.shape[0], x.shape[1] // 2
+    out = x.new_empty((rows, cols))
+    _lib().pagedserve_silu_and_mul_f32(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0),
+                                       rows, cols, torch.get_num_threads())
+    return out
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE of x [rows, heads, head_dim] in place (heads contiguous within a row);
+    cos, sin: [rows, head_dim] contiguous, or [rows, 1, head_dim]."""
+    rows, heads, head_dim = x.shape
+    cos, sin = cos.reshape(rows, head_dim), sin.reshape(rows, head_dim)
+    assert x.dtype == cos.dtype == sin.dtype == torch.float32 and x.device.type == "cpu"
+    assert x.stride(2) == 1 and x.stride(1) == head_dim and head_dim % 2 == 0
+    assert cos.is_contiguous() and sin.is_contiguous()
+    _lib().pagedserve_rotary_f32(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), rows,
+                                 heads, head_dim, torch.get_num_threads())
+    return x

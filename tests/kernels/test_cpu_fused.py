@@ -1,0 +1,76 @@
+"""kernels.cpu_fused (kernels/csrc/fused_cpu.cpp) against the torch code it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu_fused
+from server.models.layers.rotary import RotaryEmbedding, rotate
+from tests.kernels.test_cpu_attention import needs_compiler
+
+pytestmark = needs_compiler
+
+# 1-3 rows stay on one thread; 200 x 576 is past the threshold where rows are split over threads
+SHAPES = [(1, 64), (3, 576), (200, 576), (7, 100)]
+
+
+def rows_view(rows: int, cols: int, seed: int, pad: int = 0) -> torch.Tensor:
+    """[rows, cols] with a row stride of cols + pad (a column slice of a wider tensor)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, cols + pad, generator=g) * 3)[:, :cols]
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def test_library_builds():
+    assert cpu_fused.available()
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+@pytest.mark.parametrize("pad", [0, 5])
+def test_add_rms_norm(rows, cols, pad):
+    x, residual = rows_view(rows, cols, 1, pad), rows_view(rows, cols, 2, pad)
+    weight = torch.randn(cols)
+    expected_sum = residual + x
+    expected = torch_rms_norm(expected_sum, weight, 1e-6)
+    out = cpu_fused.add_rms_norm(x, residual, weight, 1e-6)
+    torch.testing.assert_close(residual, expected_sum, rtol=0, atol=0)  # the add is exact
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    before = residual.clone()
+    torch.testing.assert_close(cpu_fused.add_rms_norm(None, residual, weight, 1e-6),
+                               torch_rms_norm(before, weight, 1e-6), rtol=1e-5, atol=1e-6)
+    assert torch.equal(residual, before)  # no x: the residual is only read
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+@pytest.mark.parametrize("pad", [0, 3])
+def test_silu_and_mul(rows, cols, pad):
+    x = rows_view(rows, 2 * cols, 3, pad)
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.5])  # saturated ends of the exp
+    expected = F.silu(x[:, :cols]) * x[:, cols:]
+    torch.testing.assert_close(cpu_fused.silu_and_mul(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows,heads,head_dim", [(1, 3, 64), (5, 12, 64), (130, 12, 128)])
+def test_rotary_in_place(rows, heads, head_dim):
+    rope = RotaryEmbedding(head_dim, 4096, 10000.0)
+    positions = torch.randint(0, 4096, (rows,))
+    cos, sin = rope.cos_sin(positions, torch.float32)
+    qkv = rows_view(rows, (heads + 2) * head_dim, 4)  # q and k heads, then a v head left alone
+    qk = qkv[:, :heads * head_dim].view(rows, heads, head_dim)
+    expected = rotate(qk.clone(), cos, sin)
+    v_before = qkv[:, heads * head_dim:].clone()
+    assert cpu_fused.rotary_(qk, cos, sin) is qk
+    torch.testing.assert_close(qk, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(qkv[:, heads * head_dim:], v_before)
+
+
+def test_supports_only_fp32_rows():
+    assert cpu_fused.supports(torch.zeros(2, 8))
+    assert not cpu_fused.supports(torch.zeros(2, 8, dtype=torch.bfloat16))
+    assert not cpu_fused.supports(torch.zeros(8, 2).t())
+    assert not cpu_fused.supports(torch.zeros(2, 2, 8))

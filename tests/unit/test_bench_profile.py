@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from server.bench import profile_step
 from server.cli import build_parser
 
@@ -41,5 +43,23 @@ def test_phase_timers_are_removed_again():
     after = (vars(runner).get("sampler"), "_prepare" in vars(runner),
              "schedule" in vars(scheduler), "forward" in vars(runner.model))
     assert after == before
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_compiled_kernels_are_listed_and_unwrapped_again():
+    from kernels import cpu_attention, cpu_fused
+    from server import LLM, SamplingParams
+
+    if not cpu_fused.available():
+        pytest.skip("no C++ compiler: nothing compiled to list")
+    originals = (cpu_attention.paged_decode, cpu_fused.add_rms_norm)
+    engine = LLM(kv_cache_memory=1 << 24, dtype="float32").engine
+    for i in range(2):
+        engine.add_request(f"r{i}", [1, 2, 3 + i], SamplingParams(max_tokens=8, temperature=0.0))
+    engine.step()
+    names = {o["op"] for o in profile_step.top_ops(engine, 2, 100)}
+    assert {"pagedserve::paged_decode", "pagedserve::add_rms_norm"} <= names
+    assert (cpu_attention.paged_decode, cpu_fused.add_rms_norm) == originals
     while engine.has_unfinished_requests():
         engine.step()

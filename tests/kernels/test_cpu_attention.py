@@ -58,11 +58,13 @@ def test_cpu_backend_matches_reference(case, assert_close):
 @needs_compiler
 @pytest.mark.parametrize("num_decodes", [1, 3, 13])  # tasks per kv head, and whole decodes
 @pytest.mark.parametrize("head_dim,group,block_size,window", [
-    (64, 3, 16, None), (128, 1, 32, 40), (80, 4, 16, 9), (32, 8, 16, None), (48, 2, 32, 17)])
+    (64, 3, 16, None), (128, 1, 32, 40), (80, 4, 16, 9), (32, 8, 16, None), (48, 2, 32, 17),
+    (40, 2, 16, 21)])
 def test_decodes_run_in_the_kernel(num_decodes, head_dim, group, block_size, window,
                                    native_only, assert_close):
-    """Head dims with a compiled specialisation (32, 64, 128) and without (48, 80), windows
-    shorter and longer than a block, lengths from 1 to several blocks."""
+    """Head dims with a compiled specialisation (32, 64, 128) and without (40, 48, 80; 40 is no
+    multiple of 16: per-token dot products instead of 16 tokens per vector), windows shorter and
+    longer than a block, lengths from 1 to several blocks."""
     lengths = [1, block_size - 1, block_size, block_size + 1, 5 * block_size + 3, 70, 2, 33]
     seqs = [(lengths[i % len(lengths)] - 1, 1) for i in range(num_decodes)]
     batch = make_batch(seqs, num_kv_heads=2, group=group, head_dim=head_dim,

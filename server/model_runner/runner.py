@@ -73,10 +73,8 @@ class ModelRunner:
             budget = _available_memory_bytes()
             count = pack_linear_weights(self.model, None if budget is None else budget // 2)
             logger.info("prepacked %d linear weights for CPU GEMMs", count)
-            if (self.dtype == torch.float32
-                    and config.model.attention_backend in ("auto", "cpu")
-                    and kernels.cpu_fused.available()):
-                use_fused_cpu_ops(self.model)
+            if config.model.attention_backend in ("auto", "cpu"):
+                self._use_compiled_cpu_kernels()
         self.num_blocks = self._num_blocks_from_budget()
         shape = (self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
@@ -84,6 +82,16 @@ class ModelRunner:
                           for _ in range(arch.num_layers)]
         self.sampler = Sampler(seed=config.model.seed)
         self._generators: dict[str, torch.Generator] = {}
+
+    def _use_compiled_cpu_kernels(self) -> None:
+        """Build (or load from the cache) the compiled CPU kernels now rather than in the first
+        request, and route the fp32 layers' element-wise steps through the fused ones."""
+        attention = kernels.cpu_attention.available()
+        fused = (self.dtype == torch.float32 and kernels.cpu_fused.available()
+                 and use_fused_cpu_ops(self.model) > 0)
+        if attention or fused:
+            logger.info("compiled CPU kernels: decode attention %s, fused layer ops %s",
+                        "on (fp32)" if attention else "off", "on" if fused else "off")
 
     @property
     def bytes_per_block(self) -> int:

@@ -50,6 +50,7 @@ class AttentionPlan:
     native: bool  # decodes through kernels.cpu_attention where it supports the tensors
     prefills: list[_Prefill]
     gather: _DecodeGather | None = None  # built on first use: the native kernel needs none
+    native_checked: tuple | None = None  # (num_blocks, num_tokens) the native inputs fit
     # Gather destinations reused by every layer of the step (each layer's attention has
     # consumed them before the next layer gathers): no fresh multi-MB buffers per layer.
     buffers: dict[tuple, torch.Tensor] = field(default_factory=dict)
@@ -155,6 +156,9 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_
             if out is None:
                 out = torch.empty_like(query)
             assert plan.decode_seqs is not None
+            if plan.native_checked != (key_cache.shape[0], query.shape[0]):
+                _check_native_inputs(plan, key_cache.shape[0], query.shape[0])
+                plan.native_checked = (key_cache.shape[0], query.shape[0])
             cpu_attention.paged_decode(query, key_cache, value_cache, plan.block_table,
                                        plan.seq_lens, plan.decode_rows, plan.decode_seqs,
                                        scale, out, sliding_window)
@@ -174,6 +178,19 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_
     for prefill in plan.prefills:
         _one_sequence(query, key_cache, value_cache, prefill, scale, out)
     return out
+
+
+def _check_native_inputs(plan: AttentionPlan, num_blocks: int, num_tokens: int) -> None:
+    """The compiled kernel indexes raw memory: once per plan (and cache), everything it will
+    follow must be in range, so a bad batch raises here instead of reading out of bounds."""
+    assert plan.decode_rows is not None and plan.decode_seqs is not None
+    table = plan.block_table
+    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= num_blocks):
+        raise ValueError(f"block_table holds ids outside [0, {num_blocks})")
+    if int(plan.seq_lens.max()) > table.shape[1] * plan.block_size:
+        raise ValueError("a sequence is longer than its block_table row covers")
+    if int(plan.decode_rows.max()) >= num_tokens:
+        raise ValueError("a decode row lies past the query's tokens")
 
 
 def _one_sequence(query, key_cache, value_cache, p: _Prefill, scale, out) -> None:

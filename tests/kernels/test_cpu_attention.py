@@ -164,3 +164,17 @@ def test_failed_build_falls_back_with_one_warning(scratch_source, tmp_path, monk
 def test_disabled_by_environment(scratch_source, monkeypatch):
     monkeypatch.setenv("PAGEDSERVE_NATIVE_KERNELS", "0")
     assert native.load("answer") is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("damage,match", [
+    (lambda b: b.block_table.__setitem__((0, 0), b.key_cache.shape[0]), "outside"),
+    (lambda b: b.block_table.__setitem__((1, 0), -1), "outside"),
+    (lambda b: b.seq_lens.__setitem__(0, b.block_table.shape[1] * 16 + 1), "longer"),
+])
+def test_out_of_range_inputs_raise_instead_of_reading_memory(damage, match):
+    batch = make_batch(batch_seqs("decode", 16), num_kv_heads=2, group=2, head_dim=64,
+                       block_size=16, dtype=torch.float32, seed=9)
+    damage(batch)
+    with pytest.raises(ValueError, match=match):
+        kernels.paged_attention(*batch.args(), backend="cpu")

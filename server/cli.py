@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+from server.config import LOG_FORMAT
 from server.models.errors import ModelLoadError
 
 # `pagedserve bench NAME`: module (with add_arguments(parser) and main(args)), help.
@@ -180,8 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     try:
         return args.func(args)

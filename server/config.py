@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from server.assets import BUNDLED_MODEL_DIR
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the CLI's and the engine process's
+
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 

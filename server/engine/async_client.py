@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from server.config import EngineConfig
+from server.config import LOG_FORMAT, EngineConfig
 from server.engine.core import EngineCore, EngineStats
 from server.engine.engine_loop import (
     AbortCommand,
@@ -224,8 +224,10 @@ class ThreadEngineClient(AsyncEngineClient):
         run_engine_loop(engine, self._receive, self._on_report)
 
 
-def _engine_process_main(config: EngineConfig, conn) -> None:
-    """Entry point of the engine process: load, report, then serve commands over `conn`."""
+def _engine_process_main(config: EngineConfig, conn, log_level: int) -> None:
+    """Entry point of the engine process: load, report, then serve commands over `conn`.
+    Logs at the parent's level (a spawned process starts with logging unconfigured)."""
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
     try:
         engine = EngineCore(config)
     except BaseException as e:  # noqa: BLE001 - sent to the parent, which reports it
@@ -252,7 +254,8 @@ class ProcessEngineClient(AsyncEngineClient):
         super().__init__(config, step_listener)
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_engine_process_main, args=(config, child_conn),
+        self._process = context.Process(target=_engine_process_main,
+                                        args=(config, child_conn, logging.getLogger().level),
                                         name="pagedserve-engine", daemon=True)
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._send_lock = threading.Lock()

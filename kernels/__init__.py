@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu_attention, cpu_fused, reference, torch_attention
+from kernels import cpu_attention, cpu_fused, cpu_linear, reference, torch_attention
 
 try:  # the Triton modules; bound to private names, the entry points below keep the public ones
     from kernels import paged_attention as _triton_attention
@@ -74,5 +74,5 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_
                                            sliding_window=sliding_window, plan=plan)
 
 
-__all__ = ["BACKENDS", "attention_plan", "cpu_fused", "paged_attention", "reshape_and_cache",
-           "reference"]
+__all__ = ["BACKENDS", "attention_plan", "cpu_fused", "cpu_linear", "paged_attention",
+           "reshape_and_cache", "reference"]

@@ -15,7 +15,7 @@ from server.model_runner.cpu_allocator import keep_freed_memory_mapped
 from server.model_runner.sampler import Sampler, SamplingRow
 from server.models.arch_config import ArchConfig
 from server.models.errors import ModelLoadError
-from server.models.layers.linear import pack_linear_weights
+from server.models.layers.linear import SMALL_ROWS, Linear, pack_linear_weights
 from server.models.llama import use_fused_cpu_ops
 from server.models.loader import load_model, resolve_dtype
 from server.scheduler.output import SampleResult, SchedulerOutput
@@ -70,11 +70,16 @@ class ModelRunner:
                                 max_position=max(max_model_len, arch.max_position_embeddings))
         if self.device.type == "cpu":
             # A packed copy may take at most half of the memory still available.
-            budget = _available_memory_bytes()
-            count = pack_linear_weights(self.model, None if budget is None else budget // 2)
-            logger.info("prepacked %d linear weights for CPU GEMMs", count)
-            if config.model.attention_backend in ("auto", "cpu"):
+            compiled = config.model.attention_backend in ("auto", "cpu")
+            if compiled:
                 self._use_compiled_cpu_kernels()
+            budget = _available_memory_bytes()
+            count = pack_linear_weights(self.model, None if budget is None else budget // 2,
+                                        small=compiled and kernels.cpu_linear.available())
+            small = sum(1 for m in self.model.modules() if isinstance(m, Linear)
+                        and m.packed is not None and m.packed.small is not None)
+            logger.info("prepacked %d linear weights for CPU GEMMs (%d with a copy for %d-%d "
+                        "rows)", count, small, *SMALL_ROWS)
         self.num_blocks = self._num_blocks_from_budget()
         shape = (self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),

@@ -168,11 +168,11 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[KVCache], md: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, md)
 
-    def pack_weights(self) -> int:
+    def pack_weights(self, small: bool = False) -> int:
         """The tied logits head is no Linear module: pack the embedding matrix for it."""
         if self.lm_head is not None:
             return 0
-        self._tied_packed = packed_weight(self.model.embed_tokens.weight)
+        self._tied_packed = packed_weight(self.model.embed_tokens.weight, small=small)
         return int(self._tied_packed is not None)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

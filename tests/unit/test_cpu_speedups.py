@@ -78,12 +78,14 @@ def test_pack_linear_weights_counts_modules_and_the_model_hook():
             self.a, self.b = Linear(8, 8), Linear(8, 4)
             self.plain = torch.nn.Linear(8, 8)  # not ours: left alone
 
-        def pack_weights(self):
+        def pack_weights(self, small):
+            self.hook_small = small
             return 1
 
     model = Model()
     assert pack_linear_weights(model) == 3
     assert model.a.packed is not None and not hasattr(model.plain, "packed")
+    assert model.hook_small is False and model.a.packed.small is None
 
 
 def test_packing_is_skipped_when_the_copies_exceed_the_budget():
@@ -92,6 +94,42 @@ def test_packing_is_skipped_when_the_copies_exceed_the_budget():
     assert pack_linear_weights(model, budget_bytes=needed - 1) == 0
     assert all(m.packed is None for m in model)
     assert pack_linear_weights(model, budget_bytes=needed) == 2
+
+
+def test_small_row_copies_serve_2_to_8_rows(monkeypatch):
+    from kernels import cpu_linear
+
+    if not cpu_linear.available():
+        pytest.skip("no C++ compiler: no small-row GEMM")
+    torch.manual_seed(3)
+    layer = Linear(96, 200, bias=True)  # 200 outputs: the last 16-column block is partial
+    assert layer.pack(small=True) and layer.packed.small is not None
+    used = []
+    original = cpu_linear.linear
+
+    def spy(x, *args):
+        used.append(x.shape[0])
+        return original(x, *args)
+
+    monkeypatch.setattr(cpu_linear, "linear", spy)
+    for rows in (1, 2, 3, 8, 9, 16, 40):
+        x = torch.randn(rows, 96)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
+                                   rtol=1e-5, atol=1e-5)
+    assert used == [2, 3, 8]
+
+
+def test_small_row_copies_are_dropped_first_when_over_budget():
+    from kernels import cpu_linear
+
+    if not cpu_linear.available():
+        pytest.skip("no C++ compiler: no small-row GEMM")
+    model = torch.nn.Sequential(Linear(64, 64), Linear(64, 32))
+    needed = sum(p.nbytes for p in model.parameters() if p.dim() == 2)
+    assert pack_linear_weights(model, budget_bytes=2 * needed - 1, small=True) == 2
+    assert all(m.packed is not None and m.packed.small is None for m in model)
+    assert pack_linear_weights(model, budget_bytes=2 * needed, small=True) == 2
+    assert all(m.packed.small is not None for m in model)
 
 
 def test_tied_logits_head_uses_a_packed_embedding(tmp_path):

@@ -14,6 +14,10 @@ performance" has that A/B command). Two packers, the first that works on this to
 
 For 1-3 rows MKL's GEMV on the plain weight is faster, so those keep it; the packed copy costs a
 second copy of every linear weight in memory, hence the runner's budget (`pack_linear_weights`).
+
+With the compiled CPU kernels (`small=True`), a third copy in kernels/cpu_linear.py's layout
+serves 2-8 rows: 1.03-1.13x MKL's packed GEMM there over the SmolLM2-135M weights (even at
+12-16 rows, MKL ahead from ~24; GEMV at 1 row is as fast).
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import cpu_linear
+
 logger = logging.getLogger(__name__)
 
 PACKED_MIN_ROWS = 4  # measured crossover on 2 Sapphire Rapids cores, README "Benchmarks"
+SMALL_ROWS = (2, 8)  # rows served from the cpu_linear copy, when there is one (measured)
 _MKL_PACK_ROWS = 64  # the batch-size hint given to MKL's packer (the layout ignores it)
 _PROBE_ROWS = (PACKED_MIN_ROWS, 7, 64, 200)
 
@@ -36,6 +43,7 @@ _PROBE_ROWS = (PACKED_MIN_ROWS, 7, 64, 200)
 class PackedWeight:
     kind: str  # "mkl" or "onednn"
     tensor: torch.Tensor
+    small: torch.Tensor | None = None  # cpu_linear.pack(weight), for SMALL_ROWS rows
 
 
 def _run_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -55,9 +63,24 @@ def _agrees(packed: PackedWeight, weight: torch.Tensor, bias: torch.Tensor | Non
     return True
 
 
-def packed_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight | None:
+def _small_copy(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """cpu_linear's copy of `weight`, checked against F.linear at a few row counts."""
+    small = cpu_linear.pack(weight)
+    gen = torch.Generator().manual_seed(1)
+    for rows in (SMALL_ROWS[0], 7, SMALL_ROWS[1]):
+        probe = torch.randn(rows, weight.shape[1], generator=gen)
+        if not torch.allclose(cpu_linear.linear(probe, small, bias, weight.shape[0]),
+                              F.linear(probe, weight, bias), rtol=1e-4, atol=1e-4):
+            logger.warning("the compiled small-row GEMM disagrees with F.linear; not using it")
+            return None
+    return small
+
+
+def packed_weight(weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  small: bool = False) -> PackedWeight | None:
     """A prepacked copy of an fp32 CPU weight [out, in], checked against F.linear; None where
-    this torch build has no packer that agrees."""
+    this torch build has no packer that agrees. `small`: also the copy for SMALL_ROWS rows,
+    where the compiled kernel is available."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return None
     weight = weight.detach()
@@ -68,6 +91,8 @@ def packed_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Pac
         try:
             packed = PackedWeight(kind, pack())
             if _agrees(packed, weight, bias):
+                if small and cpu_linear.available():
+                    packed = PackedWeight(kind, packed.tensor, _small_copy(weight, bias))
                 return packed
         except (AttributeError, RuntimeError) as e:  # no such op in this build
             logger.debug("no %s packed linear in this torch: %s", kind, e)
@@ -79,8 +104,13 @@ def packed_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Pac
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: PackedWeight | None) -> torch.Tensor:
     """F.linear over a [rows, in] input, from `packed` when it is set and rows are many enough."""
-    if packed is not None and x.dim() == 2 and x.shape[0] >= PACKED_MIN_ROWS:
-        return _run_packed(x, weight, bias, packed)
+    if packed is not None and x.dim() == 2:
+        rows = x.shape[0]
+        if (packed.small is not None and SMALL_ROWS[0] <= rows <= SMALL_ROWS[1]
+                and x.stride(1) == 1):
+            return cpu_linear.linear(x, packed.small, bias, weight.shape[0])
+        if rows >= PACKED_MIN_ROWS:
+            return _run_packed(x, weight, bias, packed)
     return F.linear(x, weight, bias)
 
 
@@ -89,27 +119,33 @@ class Linear(nn.Linear):
 
     packed: PackedWeight | None = None
 
-    def pack(self) -> bool:
-        self.packed = packed_weight(self.weight, self.bias)
+    def pack(self, small: bool = False) -> bool:
+        self.packed = packed_weight(self.weight, self.bias, small)
         return self.packed is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed)
 
 
-def pack_linear_weights(model: nn.Module, budget_bytes: int | None = None) -> int:
-    """Packs every `Linear` of `model` (and whatever else its `pack_weights` hook packs);
-    returns how many weights were packed. Packs nothing when a second copy of every weight
-    matrix (the most packing can add) would exceed `budget_bytes`."""
+def pack_linear_weights(model: nn.Module, budget_bytes: int | None = None,
+                        small: bool = False) -> int:
+    """Packs every `Linear` of `model` (and whatever else its `pack_weights(small)` hook packs);
+    returns how many weights were packed. `small`: the small-row copies too, unless the two
+    copies would exceed `budget_bytes`. Packs nothing when even one copy of every weight matrix
+    (the most the MKL packing can add) would exceed it."""
     if budget_bytes is not None:
         needed = sum(p.nbytes for p in model.parameters() if p.dim() == 2)
+        if small and 2 * needed > budget_bytes:
+            logger.warning("no small-row GEMM copies: %.1f GiB would exceed the %.1f GiB "
+                           "budget", 2 * needed / 2**30, budget_bytes / 2**30)
+            small = False
         if needed > budget_bytes:
             logger.warning("not prepacking linear weights: %.1f GiB of copies would exceed the "
                            "%.1f GiB budget; GEMMs use the plain weights", needed / 2**30,
                            budget_bytes / 2**30)
             return 0
-    count = sum(m.pack() for m in model.modules() if isinstance(m, Linear))
+    count = sum(m.pack(small) for m in model.modules() if isinstance(m, Linear))
     hook = getattr(model, "pack_weights", None)
     if hook is not None:
-        count += hook()
+        count += hook(small)
     return count

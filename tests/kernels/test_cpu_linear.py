@@ -1,0 +1,37 @@
+"""kernels.cpu_linear (kernels/csrc/gemm_cpu.cpp) against F.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu_linear
+from tests.kernels.test_cpu_attention import needs_compiler
+
+pytestmark = needs_compiler
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 40])  # 8-row passes: 1, 2 and 5 of them
+@pytest.mark.parametrize("out_features,in_features", [(48, 64), (200, 96), (7, 1536)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_f_linear(rows, out_features, in_features, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    x = torch.randn(rows, in_features + 3, generator=g)[:, :in_features]  # rows with a stride
+    packed = cpu_linear.pack(weight)
+    assert packed.shape == (-(-out_features // 16), in_features, 16)
+    exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    ours = (cpu_linear.linear(x, packed, b, out_features).double() - exact).abs().max()
+    torchs = (F.linear(x, weight, b).double() - exact).abs().max()
+    assert ours <= 4 * torchs + 1e-6, (ours, torchs)  # fp32 rounding, as F.linear's
+
+
+def test_pack_pads_the_last_block_with_zeros():
+    weight = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)
+    packed = cpu_linear.pack(weight)
+    assert packed.shape == (2, 3, 16)
+    torch.testing.assert_close(packed[0].t(), weight[:16])
+    torch.testing.assert_close(packed[1, :, :4].t(), weight[16:])
+    assert not packed[1, :, 4:].any()

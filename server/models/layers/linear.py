@@ -16,7 +16,7 @@ For 1-3 rows MKL's GEMV on the plain weight is faster, so those keep it; the pac
 second copy of every linear weight in memory, hence the runner's budget (`pack_linear_weights`).
 
 With the compiled CPU kernels (`small=True`), a third copy in kernels/cpu_linear.py's layout
-serves 2-8 rows: 1.03-1.13x MKL's packed GEMM there over the SmolLM2-135M weights (even at
+serves 2-8 rows: 1.03-1.13x MKL's packed GEMM there over the SmolLM2-135M weights (equal at
 12-16 rows, MKL ahead from ~24; GEMV at 1 row is as fast).
 """
 

@@ -69,10 +69,10 @@ class ModelRunner:
         self.model = load_model(model_dir, arch, self.dtype, self.device,
                                 max_position=max(max_model_len, arch.max_position_embeddings))
         if self.device.type == "cpu":
-            # A packed copy may take at most half of the memory still available.
             compiled = config.model.attention_backend in ("auto", "cpu")
             if compiled:
                 self._use_compiled_cpu_kernels()
+            # The packed copies may take at most half of the memory still available.
             budget = _available_memory_bytes()
             count = pack_linear_weights(self.model, None if budget is None else budget // 2,
                                         small=compiled and kernels.cpu_linear.available())

@@ -1,7 +1,7 @@
 """C++ kernels for CPU, compiled on first use with the machine's C++ compiler and loaded with
 ctypes. The sources (kernels/csrc/) need neither torch's nor Python's headers, so a build takes
-about a second; the shared library is cached under a key made of the source, the flags, the
-compiler and the CPU, so later starts load it at once.
+about a second; the shared library is cached under a key made of the source and the shared
+headers beside it, the flags, the compiler and the CPU, so later starts load it at once.
 
 Everything here is optional: without a compiler (or on a failed build) `load` returns None
 once, with a warning, and the callers keep their torch path.
@@ -64,7 +64,8 @@ def _compiler_version(compiler: str) -> str:
 
 def library_path(name: str, compiler: str) -> Path:
     source = (SOURCE_DIR / f"{name}.cpp").read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(),
+    headers = [h.read_bytes() for h in sorted(SOURCE_DIR.glob("*.h"))]  # what it may include
+    key = hashlib.sha256(b"\0".join([source, *headers, " ".join(FLAGS).encode(),
                                      _compiler_version(compiler).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     return cache_dir() / f"{name}-{key}.so"

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "simd.h"
+
 namespace {
 
 constexpr int64_t kParallelElements = 1 << 16;  // below this, one thread
@@ -20,23 +22,7 @@ inline int threads_for(int64_t elements, int num_threads) {
   return elements >= kParallelElements ? num_threads : 1;
 }
 
-// exp(x), Cephes expf (~1 ulp) with x clamped to [-87, 88]; vectorises inside `omp simd` loops.
-inline float exp_clamped(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return y * two_n;
-}
+using pagedserve::exp_clamped;
 
 }  // namespace
 

@@ -10,9 +10,12 @@
 #include <cstdint>
 #include <cstring>
 
+#include "simd.h"
+
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
+using pagedserve::load16;
+using pagedserve::v16;
 
 constexpr int kPrefetchAhead = 32;  // k steps of 64 bytes
 constexpr int kChunk = 64;          // k steps per partial sum
@@ -31,8 +34,7 @@ void block(const float* __restrict x, int64_t ldx, const float* __restrict w, in
     for (int m = 0; m < ROWS; ++m) part[m] = v16{};
     for (int k = k0; k < k1; ++k) {
       __builtin_prefetch(w + static_cast<int64_t>(k + kPrefetchAhead) * 16, 0, 3);
-      v16 wk;
-      std::memcpy(&wk, w + static_cast<int64_t>(k) * 16, sizeof wk);
+      const v16 wk = load16(w + static_cast<int64_t>(k) * 16);
 #pragma GCC unroll 8
       for (int m = 0; m < ROWS; ++m) part[m] += x[m * ldx + k] * wk;
     }

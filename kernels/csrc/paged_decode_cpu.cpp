@@ -16,34 +16,13 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-// exp(x) for x <= 0 (Cephes expf: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2], ~1 ulp);
-// flushes below -87 to exp(-87) ~ 1.6e-38. Written so that `omp simd` loops vectorise it.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return y * two_n;
-}
-
-typedef float v16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register
-
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+using pagedserve::exp_clamped;
+using pagedserve::load16;
+using pagedserve::v16;
 
 #define SHUFFLE __builtin_shufflevector  // gcc >= 12, clang
 
@@ -166,7 +145,7 @@ void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head_dim,
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int t = 0; t < n; ++t) {
-      const float p = exp_nonpositive(row[t] - m);
+      const float p = exp_clamped(row[t] - m);
       row[t] = p;
       sum += p;
     }

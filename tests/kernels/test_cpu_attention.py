@@ -148,7 +148,10 @@ def test_build_is_cached_and_keyed_by_the_source(scratch_source, tmp_path):
     assert native.build("answer", compiler) == built[0]  # cache hit: no rebuild
     assert built[0].stat().st_mtime_ns == mtime
     (scratch_source / "answer.cpp").write_text(SOURCE.replace("42", "43"))
-    assert native.build("answer", compiler) != built[0]  # a changed source is a new library
+    changed = native.build("answer", compiler)
+    assert changed != built[0]  # a changed source is a new library
+    (scratch_source / "shared.h").write_text("// a header the sources may include\n")
+    assert native.build("answer", compiler) not in (built[0], changed)  # so is a changed header
 
 
 def test_failed_build_falls_back_with_one_warning(scratch_source, tmp_path, monkeypatch, caplog):

@@ -1,0 +1,37 @@
+// What the CPU kernels share: a 16-float vector type and a vectorisable exp.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace pagedserve {
+
+typedef float v16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// exp(x), Cephes expf (2^n times a degree-6 polynomial on [-ln2/2, ln2/2], ~1 ulp) with x
+// clamped to [-87, 88] (below: exp(-87) ~ 1.6e-38). Written so that `omp simd` loops vectorise
+// it.
+inline float exp_clamped(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return y * two_n;
+}
+
+}  // namespace pagedserve

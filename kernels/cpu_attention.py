@@ -10,30 +10,25 @@ import ctypes
 import torch
 
 from kernels import native
+from kernels.native import F32, I32, I64, PTR
 
 _NAME = "paged_decode_cpu"
-_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-_ARGTYPES = [_P, _I64, _P, _I64,  # query, stride, out, stride
-             _P, _P, _I64, _I64,  # key_cache, value_cache, stride_block, stride_slot
-             _P, _I64, _P,  # block_table, stride, seq_lens
-             _P, _P, _I64,  # rows, seqs, num_decodes
-             _I32, _I32, _I32, _I32, _F32, _I32, _I32]  # heads, kv heads, head_dim, block_size,
-#                                                           scale, sliding_window, num_threads
+_SIGNATURES = {"pagedserve_paged_decode_f32": (
+    [PTR, I64, PTR, I64,  # query, stride, out, stride
+     PTR, PTR, I64, I64,  # key_cache, value_cache, stride_block, stride_slot
+     PTR, I64, PTR,  # block_table, stride, seq_lens
+     PTR, PTR, I64,  # rows, seqs, num_decodes
+     I32, I32, I32, I32, F32, I32, I32],  # heads, kv heads, head_dim, block_size, scale,
+    ctypes.c_int)}                        # sliding_window, num_threads
 
 
-def _function():
-    lib = native.load(_NAME)
-    if lib is None:
-        return None
-    fn = lib.pagedserve_paged_decode_f32
-    if fn.argtypes is None:
-        fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
-    return fn
+def _library() -> ctypes.CDLL | None:
+    return native.load(_NAME, _SIGNATURES)
 
 
 def available() -> bool:
     """Whether the kernel is built and loaded (builds it on the first call)."""
-    return _function() is not None
+    return _library() is not None
 
 
 def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -59,8 +54,9 @@ def paged_decode(query: torch.Tensor,  # [num_tokens, num_heads, head_dim] fp32
                  scale: float, out: torch.Tensor,  # like query; only the decode rows are written
                  sliding_window: int | None = None) -> torch.Tensor:
     """Attention of the decode rows (one query token each). Call `supports` first."""
-    fn = _function()
-    assert fn is not None, "call supports() first"
+    lib = _library()
+    assert lib is not None, "call supports() first"
+    fn = lib.pagedserve_paged_decode_f32
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
     if query.stride(2) != 1 or query.stride(1) != head_dim:

@@ -10,23 +10,18 @@ import ctypes
 import torch
 
 from kernels import native
+from kernels.native import F32, I32, I64, PTR
 
 _NAME = "fused_cpu"
-_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
-    "pagedserve_add_rms_norm_f32": [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _F32, _I32],
-    "pagedserve_silu_and_mul_f32": [_P, _I64, _P, _I64, _I64, _I64, _I32],
-    "pagedserve_rotary_f32": [_P, _I64, _P, _P, _I64, _I32, _I32, _I32],
+    "pagedserve_add_rms_norm_f32": ([PTR, I64, PTR, I64, PTR, PTR, I64, I64, I64, F32, I32], None),
+    "pagedserve_silu_and_mul_f32": ([PTR, I64, PTR, I64, I64, I64, I32], None),
+    "pagedserve_rotary_f32": ([PTR, I64, PTR, PTR, I64, I32, I32, I32], None),
 }
 
 
 def _library() -> ctypes.CDLL | None:
-    lib = native.load(_NAME)
-    if lib is not None and lib.pagedserve_rotary_f32.argtypes is None:
-        for name, argtypes in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, None
-    return lib
+    return native.load(_NAME, _SIGNATURES)
 
 
 def available() -> bool:

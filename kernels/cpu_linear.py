@@ -9,25 +9,20 @@ import ctypes
 import torch
 
 from kernels import native
+from kernels.native import I32, I64, PTR
 
 _NAME = "gemm_cpu"
-_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _I64, _I32, _I32, _I32]
+_SIGNATURES = {"pagedserve_gemm_packed_f32": ([PTR, I64, PTR, PTR, PTR, I64, I64, I32, I32, I32],
+                                              None)}
 
 
-def _function():
-    lib = native.load(_NAME)
-    if lib is None:
-        return None
-    fn = lib.pagedserve_gemm_packed_f32
-    if fn.argtypes is None:
-        fn.argtypes, fn.restype = _ARGTYPES, None
-    return fn
+def _library() -> ctypes.CDLL | None:
+    return native.load(_NAME, _SIGNATURES)
 
 
 def available() -> bool:
     """Whether the kernel is built and loaded (builds it on the first call)."""
-    return _function() is not None
+    return _library() is not None
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -43,8 +38,9 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
            out_features: int) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [rows, in] fp32 with contiguous rows, from
     `pack(weight)`."""
-    fn = _function()
-    assert fn is not None, "call available() first"
+    lib = _library()
+    assert lib is not None, "call available() first"
+    fn = lib.pagedserve_gemm_packed_f32
     rows, in_features = x.shape
     assert x.dtype == torch.float32 and x.stride(1) == 1 and packed.is_contiguous()
     assert packed.shape == (-(-out_features // 16), in_features, 16), packed.shape

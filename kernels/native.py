@@ -93,8 +93,14 @@ def build(name: str, compiler: str) -> Path:
     return path
 
 
-def load(name: str) -> ctypes.CDLL | None:
-    """The compiled kernels/csrc/NAME.cpp, or None where it cannot be built (warned once)."""
+# Argument types of the exported functions: pointers (data_ptr()), int64, int, float.
+PTR, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+Signatures = dict[str, tuple[list, type | None]]  # function -> (argtypes, restype)
+
+
+def load(name: str, signatures: Signatures | None = None) -> ctypes.CDLL | None:
+    """The compiled kernels/csrc/NAME.cpp, or None where it cannot be built (warned once).
+    `signatures` are set on its functions when it is first loaded."""
     with _lock:
         if name in _loaded:
             return _loaded[name]
@@ -105,6 +111,9 @@ def load(name: str) -> ctypes.CDLL | None:
                 if compiler is None:
                     raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
                 lib = ctypes.CDLL(str(build(name, compiler)))
+                for function, (argtypes, restype) in (signatures or {}).items():
+                    getattr(lib, function).argtypes = argtypes
+                    getattr(lib, function).restype = restype
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 logger.warning("native CPU kernel %s unavailable, using the torch path: %s",
                                name, e)

@@ -12,12 +12,9 @@ import torch
 import kernels
 from kernels import cpu_attention, native, reference, torch_attention
 from tests.kernels.test_paged_attention import (
-    DTYPES,
     POISON,
     batch_seqs,
     make_batch,
-    single_pass_cases,
-    window_size,
 )
 
 needs_compiler = pytest.mark.skipif(
@@ -37,22 +34,6 @@ def native_only(monkeypatch):
 def test_kernel_builds_here():
     assert cpu_attention.available()
     assert kernels._resolve("auto", torch.zeros(1)) == "cpu"
-
-
-@needs_compiler
-@pytest.mark.parametrize("case", single_pass_cases(), ids=lambda c: c.id)
-def test_cpu_backend_matches_reference(case, assert_close):
-    """Every kind of batch: fp32 decodes run in the kernel, everything else in the torch path."""
-    bs = case.block_size
-    batch = make_batch(batch_seqs(case.kind, bs), num_kv_heads=case.kv_heads, group=case.group,
-                       head_dim=case.head_dim, block_size=bs, dtype=DTYPES[case.dtype],
-                       seed=case.seed())
-    window = window_size(case.window, bs)
-    out = torch.full_like(batch.query, float("nan"))
-    result = kernels.paged_attention(*batch.args(), out=out, sliding_window=window,
-                                     backend="cpu")
-    assert result is out
-    assert_close(out, reference.paged_attention(*batch.args(), sliding_window=window))
 
 
 @needs_compiler

@@ -1,5 +1,6 @@
-"""The torch fast path (kernels/torch_attention.py, what backend="torch" runs) against the
-straightforward reference, over the same sampled matrix as the Triton kernels."""
+"""The torch fast path (kernels/torch_attention.py, what backend="torch" runs, and with the
+compiled decode kernel what backend="cpu" runs) against the straightforward reference, over the
+same sampled matrix as the Triton kernels."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 import kernels
 from kernels import reference
+from tests.kernels.test_cpu_attention import needs_compiler
 from tests.kernels.test_paged_attention import (
     DTYPES,
     batch_seqs,
@@ -19,8 +21,11 @@ from tests.kernels.test_paged_attention import (
 )
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_compiler)])
 @pytest.mark.parametrize("case", single_pass_cases(), ids=lambda c: c.id)
-def test_torch_path_matches_reference(case, assert_close):
+def test_torch_path_matches_reference(case, backend, assert_close):
+    """Every kind of batch; with backend "cpu" fp32 decodes run in the compiled kernel and
+    everything else in the torch path."""
     bs = case.block_size
     batch = make_batch(batch_seqs(case.kind, bs), num_kv_heads=case.kv_heads, group=case.group,
                        head_dim=case.head_dim, block_size=bs, dtype=DTYPES[case.dtype],
@@ -28,7 +33,7 @@ def test_torch_path_matches_reference(case, assert_close):
     window = window_size(case.window, bs)
     out = torch.full_like(batch.query, float("nan"))
     result = kernels.paged_attention(*batch.args(), out=out, sliding_window=window,
-                                     backend="torch")
+                                     backend=backend)
     assert result is out
     assert_close(out, reference.paged_attention(*batch.args(), sliding_window=window))
 

@@ -24,17 +24,23 @@ def test_packed_linear_matches_f_linear(rows, bias):
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def rows_seen(monkeypatch, owner, name: str) -> list[int]:
+    """The row counts `owner.name(x, ...)` is called with, from now on (it still runs)."""
+    seen: list[int] = []
+    real = getattr(owner, name)
+
+    def spy(x, *args):
+        seen.append(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(owner, name, spy)
+    return seen
+
+
 def test_packed_path_is_taken_only_from_min_rows(monkeypatch):
     layer = Linear(32, 48)
     assert layer.pack()
-    calls = []
-    real = linear_mod._run_packed
-
-    def spy(x, *args):
-        calls.append(x.shape[0])
-        return real(x, *args)
-
-    monkeypatch.setattr(linear_mod, "_run_packed", spy)
+    calls = rows_seen(monkeypatch, linear_mod, "_run_packed")
     layer(torch.randn(PACKED_MIN_ROWS - 1, 32))
     layer(torch.randn(PACKED_MIN_ROWS, 32))
     assert calls == [PACKED_MIN_ROWS]
@@ -104,14 +110,7 @@ def test_small_row_copies_serve_2_to_8_rows(monkeypatch):
     torch.manual_seed(3)
     layer = Linear(96, 200, bias=True)  # 200 outputs: the last 16-column block is partial
     assert layer.pack(small=True) and layer.packed.small is not None
-    used = []
-    original = cpu_linear.linear
-
-    def spy(x, *args):
-        used.append(x.shape[0])
-        return original(x, *args)
-
-    monkeypatch.setattr(cpu_linear, "linear", spy)
+    used = rows_seen(monkeypatch, cpu_linear, "linear")
     for rows in (1, 2, 3, 8, 9, 16, 40):
         x = torch.randn(rows, 96)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),

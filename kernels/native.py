@@ -101,6 +101,8 @@ Signatures = dict[str, tuple[list, type | None]]  # function -> (argtypes, resty
 def load(name: str, signatures: Signatures | None = None) -> ctypes.CDLL | None:
     """The compiled kernels/csrc/NAME.cpp, or None where it cannot be built (warned once).
     `signatures` are set on its functions when it is first loaded."""
+    if name in _loaded:  # every kernel call asks: no lock once it is settled
+        return _loaded[name]
     with _lock:
         if name in _loaded:
             return _loaded[name]

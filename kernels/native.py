@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def build(name: str, compiler: str) -> Path:
 
 # Argument types of the exported functions: pointers (data_ptr()), int64, int, float.
 PTR, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-Signatures = dict[str, tuple[list, type | None]]  # function -> (argtypes, restype)
+Signatures = Mapping[str, tuple[list, type | None]]  # function -> (argtypes, restype)
 
 
 def load(name: str, signatures: Signatures | None = None) -> ctypes.CDLL | None:

@@ -1,82 +1,19 @@
-// fp32 GEMM for few rows on CPU: out[M, N] = x[M, K] . W[N, K]^T (+ bias), W packed as
-// [ceil(N / 16)][K][16] (16 output columns side by side per k), the layout `cpu_linear.pack`
-// makes. Each thread takes whole 16-column blocks and streams their packed weights once,
-// front to back, with a prefetch 2 KiB ahead (the hardware prefetchers alone left these
-// few-row GEMMs at ~60% of the read bandwidth a GEMV reaches); rows go 8 at a time, so a block
-// read for the first 8 rows is still in cache for the next.
+// fp32 GEMM for few rows on CPU (gemm.h), as a call of its own: out[M, N] = x[M, K] . W^T
+// (+ bias), W packed [ceil(N / 16)][K][16] by `cpu_linear.pack`.
 
 #include <omp.h>
 
 #include <cstdint>
-#include <cstring>
 
-#include "simd.h"
-
-namespace {
-
-using pagedserve::load16;
-using pagedserve::v16;
-
-constexpr int kPrefetchAhead = 32;  // k steps of 64 bytes
-constexpr int kChunk = 64;          // k steps per partial sum
-constexpr int kRowsPerPass = 8;     // accumulators: 2 x 8 registers (+ the weights)
-
-template <int ROWS>
-void block(const float* __restrict x, int64_t ldx, const float* __restrict w, int K,
-           float* __restrict out, int64_t ldo, int cols, const float* bias) {
-  // Two-level sums (kChunk k steps into `part`, then into `acc`): a single running sum over
-  // 1536 products rounds ~5x worse than MKL's blocked GEMM.
-  v16 acc[ROWS];
-  for (int m = 0; m < ROWS; ++m) acc[m] = v16{};
-  for (int k0 = 0; k0 < K; k0 += kChunk) {
-    const int k1 = k0 + kChunk < K ? k0 + kChunk : K;
-    v16 part[ROWS];
-    for (int m = 0; m < ROWS; ++m) part[m] = v16{};
-    for (int k = k0; k < k1; ++k) {
-      __builtin_prefetch(w + static_cast<int64_t>(k + kPrefetchAhead) * 16, 0, 3);
-      const v16 wk = load16(w + static_cast<int64_t>(k) * 16);
-#pragma GCC unroll 8
-      for (int m = 0; m < ROWS; ++m) part[m] += x[m * ldx + k] * wk;
-    }
-    for (int m = 0; m < ROWS; ++m) acc[m] += part[m];
-  }
-  for (int m = 0; m < ROWS; ++m) {
-    float row[16];
-    std::memcpy(row, &acc[m], sizeof row);
-    float* o = out + m * ldo;
-    for (int j = 0; j < cols; ++j) o[j] = bias != nullptr ? row[j] + bias[j] : row[j];
-  }
-}
-
-void rows_block(int rows, const float* x, int64_t ldx, const float* w, int K, float* out,
-                int64_t ldo, int cols, const float* bias) {
-  switch (rows) {
-#define PAGEDSERVE_ROWS(r) \
-  case r: block<r>(x, ldx, w, K, out, ldo, cols, bias); break;
-    PAGEDSERVE_ROWS(1) PAGEDSERVE_ROWS(2) PAGEDSERVE_ROWS(3) PAGEDSERVE_ROWS(4)
-    PAGEDSERVE_ROWS(5) PAGEDSERVE_ROWS(6) PAGEDSERVE_ROWS(7) PAGEDSERVE_ROWS(8)
-#undef PAGEDSERVE_ROWS
-  }
-}
-
-}  // namespace
+#include "gemm.h"
 
 extern "C" {
 
 void pagedserve_gemm_packed_f32(const float* x, int64_t ldx, const float* packed,
                                 const float* bias, float* out, int64_t ldo, int64_t rows,
                                 int n, int k, int num_threads) {
-  const int num_blocks = (n + 15) / 16;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int b = 0; b < num_blocks; ++b) {
-    const int n0 = b * 16;
-    const int cols = n - n0 < 16 ? n - n0 : 16;
-    const float* w = packed + static_cast<int64_t>(b) * k * 16;
-    for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass)
-      rows_block(rows - m0 < kRowsPerPass ? static_cast<int>(rows - m0) : kRowsPerPass,
-                 x + m0 * ldx, ldx, w, k,
-                 out + m0 * ldo + n0, ldo, cols, bias != nullptr ? bias + n0 : nullptr);
-  }
+#pragma omp parallel num_threads(num_threads)
+  pagedserve::gemm_packed_for(x, ldx, packed, bias, out, ldo, rows, n, k);
 }
 
 }  // extern "C"

@@ -1,181 +1,21 @@
 // Decode attention over the paged KV cache on CPU, fp32: one query token per sequence, read
 // straight through the block table (no gathered copy of K and V).
 //
-// One task per decode (per (decode, kv head) when there are few decodes): its query heads are
-// scored against the keys block by block, 16 tokens per vector where head_dim allows (pass 1),
-// softmaxed in place, then the values are summed with those weights (pass 2). K and V are each
-// read once. Tasks are spread over OpenMP threads; torch's libgomp is the one already loaded,
-// so this shares torch's thread pool.
-//
-// Cache layout: [num_blocks, block_size, num_kv_heads, head_dim], the last dim contiguous.
+// One task per decode (per (decode, kv head) when there are few decodes), each one
+// paged_decode.h `attend`. Tasks are spread over OpenMP threads; torch's libgomp is the one
+// already loaded, so this shares torch's thread pool.
 
 #include <omp.h>
 
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
-#include "simd.h"
+#include "paged_decode.h"
 
 namespace {
 
-using pagedserve::exp_clamped;
-using pagedserve::load16;
-using pagedserve::v16;
-
-#define SHUFFLE __builtin_shufflevector  // gcc >= 12, clang
-
-// Lane j of the result is the sum of p[j]'s 16 lanes: 16 horizontal sums in 15 adds and 31
-// shuffles (halving the lanes per vector at each of 4 levels, two vectors at a time), instead of
-// a reduction tree per vector. The levels leave lane j holding vector bitreverse4(j)'s sum.
-inline v16 sum_each(v16 p[16]) {
-  v16 r8[8], r4[4], r2[2];
-  for (int i = 0; i < 8; ++i)
-    r8[i] = SHUFFLE(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22,
-                    23)
-            + SHUFFLE(p[2 * i], p[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
-                      29, 30, 31);
-  for (int i = 0; i < 4; ++i)
-    r4[i] = SHUFFLE(r8[2 * i], r8[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25,
-                    26, 27)
-            + SHUFFLE(r8[2 * i], r8[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28,
-                      29, 30, 31);
-  for (int i = 0; i < 2; ++i)
-    r2[i] = SHUFFLE(r4[2 * i], r4[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13,
-                    28, 29)
-            + SHUFFLE(r4[2 * i], r4[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14,
-                      15, 30, 31);
-  const v16 r = SHUFFLE(r2[0], r2[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
-                + SHUFFLE(r2[0], r2[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15,
-                          31);
-  return SHUFFLE(r, r, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
-}
-
-// scores[h * n + j] = scale * q_h . k_j for `count` (<= 16) consecutive token rows k_j (row
-// stride `stride_slot`, kv head h / G at offset (h / G) * D); D a multiple of 16.
-inline void score_16_tokens(const float* k, int64_t stride_slot, int count, const float* q,
-                            int nh, int G, int D, float scale, float* scores, int n) {
-  for (int h = 0; h < nh; ++h) {
-    const float* __restrict qh = q + h * D;
-    const int64_t kv = static_cast<int64_t>(h / G) * D;
-    v16 part[16];
-    for (int j = 0; j < count; ++j) {
-      const float* __restrict kj = k + j * stride_slot + kv;
-      v16 acc = load16(qh) * load16(kj);
-      for (int c = 16; c < D; c += 16) acc += load16(qh + c) * load16(kj + c);
-      part[j] = acc;
-    }
-    for (int j = count; j < 16; ++j) part[j] = v16{};
-    const v16 s = sum_each(part) * scale;
-    std::memcpy(scores + static_cast<size_t>(h) * n, &s, sizeof(float) * count);
-  }
-}
-
-struct Args {
-  const float* query;  // [num_tokens, num_heads, head_dim]
-  int64_t stride_query;
-  float* out;  // [num_tokens, num_heads, head_dim]
-  int64_t stride_out;
-  const float* key_cache;
-  const float* value_cache;
-  int64_t stride_block;  // elements between blocks (same for K and V)
-  int64_t stride_slot;   // elements between the tokens of a block
-  const int32_t* block_table;  // [num_seqs, max_blocks]
-  int64_t stride_table;
-  const int32_t* seq_lens;  // [num_seqs]
-  const int64_t* rows;      // [num_decodes] query row of each decode
-  const int64_t* seqs;      // [num_decodes] sequence (block_table row) of each decode
-  int num_heads, num_kv_heads, block_size;
-  float scale;
-  int sliding_window;  // 0: none
-};
-
-// One task: decode `decode`, kv heads [kv_lo, kv_hi). Tokens are the outer loop, so a block's
-// rows (all kv heads of a token side by side) are read front to back.
-// HEAD_DIM > 0: the head size as a compile-time constant; 0: `head_dim` at run time.
-template <int HEAD_DIM>
-void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head_dim,
-            std::vector<float>& scratch) {
-  const int D = HEAD_DIM > 0 ? HEAD_DIM : head_dim;
-  const int G = a.num_heads / a.num_kv_heads;
-  const int nh = (kv_hi - kv_lo) * G;  // query heads of this task
-  const int64_t seq = a.seqs[decode];
-  const int seq_len = a.seq_lens[seq];
-  const int first = a.sliding_window > 0 && seq_len > a.sliding_window
-                        ? seq_len - a.sliding_window : 0;
-  const int n = seq_len - first;
-  if (n <= 0) return;
-  scratch.resize(static_cast<size_t>(nh) * n + static_cast<size_t>(nh) * D);
-  float* __restrict scores = scratch.data();  // [nh, n]
-  float* __restrict acc = scores + static_cast<size_t>(nh) * n;  // [nh, D]
-  const int64_t head_offset = static_cast<int64_t>(kv_lo) * D;
-  const float* __restrict q = a.query + a.rows[decode] * a.stride_query + head_offset * G;
-  const int32_t* table = a.block_table + seq * a.stride_table;
-
-  // Pass 1: scores[h, t] = scale * q_h . k_t (query head h reads kv head h / G)
-  for (int t0 = first - first % a.block_size; t0 < seq_len; t0 += a.block_size) {
-    const int64_t base = table[t0 / a.block_size] * a.stride_block + head_offset;
-    const int lo = t0 < first ? first : t0;
-    const int hi = t0 + a.block_size < seq_len ? t0 + a.block_size : seq_len;
-    if (D % 16 == 0) {
-      for (int g0 = lo; g0 < hi; g0 += 16)
-        score_16_tokens(a.key_cache + base + (g0 - t0) * a.stride_slot, a.stride_slot,
-                        hi - g0 < 16 ? hi - g0 : 16, q, nh, G, D, a.scale,
-                        scores + (g0 - first), n);
-      continue;
-    }
-    for (int t = lo; t < hi; ++t) {
-      const float* __restrict k = a.key_cache + base + (t - t0) * a.stride_slot;
-      for (int h = 0; h < nh; ++h) {
-        const float* __restrict qh = q + h * D;
-        const float* __restrict kh = k + (h / G) * D;
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (int d = 0; d < D; ++d) s += qh[d] * kh[d];
-        scores[static_cast<size_t>(h) * n + (t - first)] = s * a.scale;
-      }
-    }
-  }
-  // Softmax of each head's row, in place; the 1 / sum is applied at the end.
-  for (int h = 0; h < nh; ++h) {
-    float* __restrict row = scores + static_cast<size_t>(h) * n;
-    float m = row[0];
-    for (int t = 1; t < n; ++t) m = row[t] > m ? row[t] : m;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int t = 0; t < n; ++t) {
-      const float p = exp_clamped(row[t] - m);
-      row[t] = p;
-      sum += p;
-    }
-    acc[h * D] = 1.0f / sum;  // parked until pass 2 starts
-  }
-  float* __restrict o = a.out + a.rows[decode] * a.stride_out + head_offset * G;
-  for (int h = 0; h < nh; ++h) o[h * D] = acc[h * D];
-  // Pass 2: acc[h] = sum_t p[h, t] v_t
-  std::memset(acc, 0, sizeof(float) * nh * D);
-  for (int t0 = first - first % a.block_size; t0 < seq_len; t0 += a.block_size) {
-    const int64_t base = table[t0 / a.block_size] * a.stride_block + head_offset;
-    const int lo = t0 < first ? first : t0;
-    const int hi = t0 + a.block_size < seq_len ? t0 + a.block_size : seq_len;
-    for (int t = lo; t < hi; ++t) {
-      const float* __restrict v = a.value_cache + base + (t - t0) * a.stride_slot;
-      for (int h = 0; h < nh; ++h) {
-        const float p = scores[static_cast<size_t>(h) * n + (t - first)];
-        const float* __restrict vh = v + (h / G) * D;
-        float* __restrict ah = acc + h * D;
-#pragma omp simd
-        for (int d = 0; d < D; ++d) ah[d] += p * vh[d];
-      }
-    }
-  }
-  for (int h = 0; h < nh; ++h) {
-    const float inv_sum = o[h * D];
-#pragma omp simd
-    for (int d = 0; d < D; ++d) o[h * D + d] = acc[h * D + d] * inv_sum;
-  }
-}
+using pagedserve::Args;
+using pagedserve::attend;
 
 template <int HEAD_DIM>
 void run(const Args& a, int64_t num_decodes, int head_dim, int num_threads) {

@@ -1,0 +1,58 @@
+// The element-wise steps of a decoder layer, one fp32 row at a time: residual add + RMSNorm,
+// SiLU-and-mul, half-split rotary. Used by fused_cpu.cpp and decoder_cpu.cpp.
+
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "simd.h"
+
+namespace pagedserve {
+
+// out = weight * rms_norm(in); `out` may be `in` (the sum is taken before any write).
+inline void rms_norm_row(const float* in, const float* __restrict weight, float* out,
+                         int64_t cols, float eps) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < cols; ++j) sum += in[j] * in[j];
+  const float inv = 1.0f / std::sqrt(sum / static_cast<float>(cols) + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) out[j] = weight[j] * (in[j] * inv);
+}
+
+// h += x (skipped when x is null), then out = weight * rms_norm(h).
+inline void add_rms_norm_row(const float* __restrict x, float* __restrict h,
+                             const float* __restrict weight, float* __restrict out,
+                             int64_t cols, float eps) {
+  if (x != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) h[j] += x[j];
+  }
+  rms_norm_row(h, weight, out, cols, eps);
+}
+
+inline void silu_and_mul_row(const float* __restrict gate, const float* __restrict up,
+                             float* __restrict out, int64_t cols) {
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) out[j] = gate[j] / (1.0f + exp_clamped(-gate[j])) * up[j];
+}
+
+// `heads` heads of head_dim side by side in x, rotated in place; c, s: [head_dim], both halves
+// equal.
+inline void rotary_row(float* x, const float* __restrict c, const float* __restrict s,
+                       int heads, int head_dim) {
+  const int half = head_dim / 2;
+  for (int h = 0; h < heads; ++h) {
+    float* __restrict lo = x + static_cast<int64_t>(h) * head_dim;
+    float* __restrict hi = lo + half;
+#pragma omp simd
+    for (int j = 0; j < half; ++j) {
+      const float a = lo[j], b = hi[j];
+      lo[j] = a * c[j] - b * s[j];
+      hi[j] = b * c[j + half] + a * s[j + half];
+    }
+  }
+}
+
+}  // namespace pagedserve

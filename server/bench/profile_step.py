@@ -102,9 +102,10 @@ def top_ops(engine, steps: int, top: int) -> list[dict]:
     """The ops with the most self CPU time over `steps` steps, per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from kernels import cpu_attention, cpu_fused, cpu_linear
+    from kernels import cpu_attention, cpu_decoder, cpu_fused, cpu_linear
 
-    undo = [_labelled(cpu_attention, "paged_decode"), _labelled(cpu_linear, "linear")]
+    undo = [_labelled(cpu_attention, "paged_decode"), _labelled(cpu_linear, "linear"),
+            _labelled(cpu_decoder, "decode_step")]
     undo += [_labelled(cpu_fused, name) for name in ("add_rms_norm", "silu_and_mul", "rotary_")]
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:

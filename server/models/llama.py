@@ -6,15 +6,17 @@ Attention goes through the `kernels` entry points over the paged KV cache.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels import cpu_fused
+from kernels import cpu_decoder, cpu_fused
 from server.model_runner.attention_metadata import AttentionMetadata
 from server.models.arch_config import ArchConfig
-from server.models.layers.linear import Linear, PackedWeight, linear, packed_weight
+from server.models.layers.linear import SMALL_ROWS, Linear, PackedWeight, linear, packed_weight
 from server.models.layers.norm import RMSNorm
 from server.models.layers.rotary import RotaryEmbedding, rotate
 
@@ -110,6 +112,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    # Decode-only steps of 1..SMALL_ROWS[1] rows run every layer in one kernels.cpu_decoder call
+    # (set by use_compiled_decode); everything else goes layer by layer.
+    compiled_decode = False
+
     def __init__(self, cfg: ArchConfig, max_position: int) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -118,17 +124,80 @@ class LlamaModel(nn.Module):
                                       cfg.rope_scaling)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self._decoder: tuple[list[KVCache], cpu_decoder.DecoderTensors] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], md: AttentionMetadata) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         rope = self.rotary.cos_sin(positions, h.dtype)
+        if (self.compiled_decode and input_ids.shape[0] <= SMALL_ROWS[1]
+                and getattr(md.plan, "all_decode", False) and getattr(md.plan, "native", False)):
+            attn = cast(DecoderLayer, self.layers[0]).self_attn
+            return cpu_decoder.decode_step(self._decoder_tensors(kv_caches), h, *rope,
+                                           md.slot_mapping, md.block_table, md.seq_lens,
+                                           attn.scale, attn.sliding_window)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             h, residual = layer(rope, h, residual, kv_cache, md)
         if residual is None:  # no layers
             return self.norm(h)
         return self.norm.add_forward(h, residual)
+
+    def _decoder_tensors(self, kv_caches: list[KVCache]) -> cpu_decoder.DecoderTensors:
+        """The compiled step's view of the weights and these caches, made once per cache list."""
+        if self._decoder is not None and self._decoder[0] is kv_caches:
+            return self._decoder[1]
+        layers = []
+        decoder_layers = cast(list[DecoderLayer], list(self.layers))
+        for layer, (key_cache, value_cache) in zip(decoder_layers, kv_caches, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            layers.append(cpu_decoder.LayerTensors(
+                input_norm=layer.input_layernorm.weight.detach(),
+                qkv=_small_copy(attn.qkv_proj), qkv_bias=_bias(attn.qkv_proj),
+                q_norm=None if attn.q_norm is None else attn.q_norm.weight.detach(),
+                k_norm=None if attn.k_norm is None else attn.k_norm.weight.detach(),
+                o=_small_copy(attn.o_proj), o_bias=_bias(attn.o_proj),
+                post_norm=layer.post_attention_layernorm.weight.detach(),
+                gate_up=_small_copy(mlp.gate_up_proj), gate_up_bias=_bias(mlp.gate_up_proj),
+                down=_small_copy(mlp.down_proj), down_bias=_bias(mlp.down_proj),
+                key_cache=key_cache, value_cache=value_cache))
+        first = decoder_layers[0].self_attn
+        tensors = cpu_decoder.DecoderTensors(
+            layers, self.norm.weight.detach(), num_heads=first.num_heads,
+            num_kv_heads=first.num_kv_heads, head_dim=first.head_dim, eps=self.norm.eps)
+        self._decoder = (kv_caches, tensors)
+        return tensors
+
+
+def _small_copy(module: Linear) -> torch.Tensor:
+    assert module.packed is not None and module.packed.small is not None
+    return module.packed.small
+
+
+def _bias(module: Linear) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach()
+
+
+def use_compiled_decode(model: nn.Module) -> bool:
+    """Run decode-only steps of few rows through kernels.cpu_decoder, where it applies: an fp32
+    CPU model whose projections all have their small-row copies (pack_linear_weights with
+    small=True), and the kernel built. Returns whether it was switched on."""
+    inner = getattr(model, "model", None)
+    if not isinstance(inner, LlamaModel) or len(inner.layers) == 0:
+        return False
+    weight = inner.embed_tokens.weight
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return False
+    norms = [m for m in inner.modules() if isinstance(m, RMSNorm)]
+    if any(m.weight.dtype != torch.float32 for m in norms):
+        return False
+    if any(m.packed is None or m.packed.small is None
+           for m in inner.layers.modules() if isinstance(m, Linear)):
+        return False
+    if not cpu_decoder.available():
+        return False
+    inner.compiled_decode = True
+    return True
 
 
 def use_fused_cpu_ops(model: nn.Module) -> int:

@@ -48,18 +48,23 @@ def test_phase_timers_are_removed_again():
 
 
 def test_compiled_kernels_are_listed_and_unwrapped_again():
-    from kernels import cpu_attention, cpu_fused
+    from kernels import cpu_attention, cpu_decoder, cpu_fused
     from server import LLM, SamplingParams
 
     if not cpu_fused.available():
         pytest.skip("no C++ compiler: nothing compiled to list")
-    originals = (cpu_attention.paged_decode, cpu_fused.add_rms_norm)
+    originals = (cpu_attention.paged_decode, cpu_fused.add_rms_norm, cpu_decoder.decode_step)
     engine = LLM(kv_cache_memory=1 << 24, dtype="float32").engine
     for i in range(2):
         engine.add_request(f"r{i}", [1, 2, 3 + i], SamplingParams(max_tokens=8, temperature=0.0))
+    names = {o["op"] for o in profile_step.top_ops(engine, 2, 100)}  # the prompts, then decodes
+    assert {"pagedserve::add_rms_norm", "pagedserve::decode_step"} <= names
+    for i in range(2, 12):  # past the compiled step's rows: layer by layer
+        engine.add_request(f"r{i}", [1, 2, 3 + i], SamplingParams(max_tokens=8, temperature=0.0))
     engine.step()
-    names = {o["op"] for o in profile_step.top_ops(engine, 2, 100)}
-    assert {"pagedserve::paged_decode", "pagedserve::add_rms_norm"} <= names
-    assert (cpu_attention.paged_decode, cpu_fused.add_rms_norm) == originals
+    names = {o["op"] for o in profile_step.top_ops(engine, 1, 100)}
+    assert "pagedserve::paged_decode" in names
+    assert (cpu_attention.paged_decode, cpu_fused.add_rms_norm,
+            cpu_decoder.decode_step) == originals
     while engine.has_unfinished_requests():
         engine.step()

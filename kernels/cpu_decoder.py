@@ -1,0 +1,154 @@
+"""A whole decode step of a Llama-family decoder on CPU through kernels/csrc/decoder_cpu.cpp: all
+layers (norms, GEMMs from kernels.cpu_linear's packed copies, q/k norm, rotary, the KV cache
+write, decode attention, SiLU-and-mul) and the final norm in one call, fp32, for batches of a
+few decodes. `DecoderTensors` checks a model's tensors once and keeps the table of their
+addresses; `decode_step` runs a step over it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from kernels import native
+from kernels.native import F32, I32, I64, PTR
+
+_NAME = "decoder_cpu"
+_SIGNATURES = {"pagedserve_decode_step_f32": (
+    [PTR, PTR, PTR, PTR, PTR,  # embeddings, cos, sin, layer table, final norm
+     PTR, PTR, I64, PTR, PTR,  # slots, block_table, its stride, seq_lens, out
+     I64, I64, I64, I64, I64, I64, I64,  # rows, layers, hidden, heads, kv heads, head_dim, inter
+     I64, I64, I64, I64,  # num_blocks, block_size, stride_block, stride_slot
+     F32, F32, I32, I32],  # eps, scale, sliding_window, num_threads
+    ctypes.c_int)}
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """One decoder layer as the compiled step reads it (the order is the C++ table's columns).
+    qkv, o, gate_up, down: `kernels.cpu_linear.pack` copies of the fused projections."""
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    key_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor
+
+
+LAYER_COLUMNS = tuple(f.name for f in fields(LayerTensors))
+
+
+def _library() -> ctypes.CDLL | None:
+    return native.load(_NAME, _SIGNATURES)
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (builds it on the first call)."""
+    return _library() is not None
+
+
+def _packed_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
+    return (-(-out_features // 16), in_features, 16)
+
+
+class DecoderTensors:
+    """The tensors of every layer, checked once (dtype, device, contiguity, shapes), and the
+    [num_layers, len(LAYER_COLUMNS)] table of their addresses. Holds the tensors, so the
+    addresses stay valid while it lives."""
+
+    def __init__(self, layers: Sequence[LayerTensors], final_norm: torch.Tensor, *,
+                 num_heads: int, num_kv_heads: int, head_dim: int, eps: float) -> None:
+        assert layers, "no layers"
+        self.layers, self.final_norm = list(layers), final_norm
+        self.num_heads, self.num_kv_heads, self.head_dim, self.eps = (num_heads, num_kv_heads,
+                                                                      head_dim, eps)
+        hidden = final_norm.shape[0]
+        self.hidden = hidden
+        self.intermediate = layers[0].down.shape[1]
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.cache_shape = layers[0].key_cache.shape
+        self.cache_stride = layers[0].key_cache.stride()
+        assert (len(self.cache_shape) == 4 and self.cache_shape[2:] == (num_kv_heads, head_dim)
+                and self.cache_stride[3] == 1 and self.cache_stride[2] == head_dim
+                and self.cache_stride[1] == num_kv_heads * head_dim)
+        shapes = {
+            "input_norm": (hidden,), "post_norm": (hidden,),
+            "qkv": _packed_shape(q_size + 2 * kv_size, hidden),
+            "qkv_bias": (q_size + 2 * kv_size,), "q_norm": (head_dim,), "k_norm": (head_dim,),
+            "o": _packed_shape(hidden, q_size), "o_bias": (hidden,),
+            "gate_up": _packed_shape(2 * self.intermediate, hidden),
+            "gate_up_bias": (2 * self.intermediate,),
+            "down": _packed_shape(hidden, self.intermediate), "down_bias": (hidden,),
+        }
+        self._check(final_norm, (hidden,), "final_norm")
+        table = torch.zeros((len(layers), len(LAYER_COLUMNS)), dtype=torch.int64)
+        for i, layer in enumerate(layers):
+            assert (layer.q_norm is None) == (layer.k_norm is None)
+            for j, name in enumerate(LAYER_COLUMNS):
+                t = getattr(layer, name)
+                if t is None:
+                    continue
+                if name in ("key_cache", "value_cache"):
+                    assert t.shape == self.cache_shape and t.stride() == self.cache_stride, name
+                    assert t.dtype == torch.float32 and t.device.type == "cpu", name
+                else:
+                    self._check(t, shapes[name], name)
+                table[i, j] = t.data_ptr()
+        self.table = table
+
+    @staticmethod
+    def _check(t: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
+        assert t.dtype == torch.float32 and t.device.type == "cpu", name
+        assert t.is_contiguous() and tuple(t.shape) == shape, (name, tuple(t.shape), shape)
+
+
+def decode_step(weights: DecoderTensors, embeddings: torch.Tensor,  # [rows, hidden]
+                cos: torch.Tensor, sin: torch.Tensor,  # [rows, head_dim] (or [rows, 1, head_dim])
+                slot_mapping: torch.Tensor,  # [rows] int64; negative: the K/V are not written
+                block_table: torch.Tensor,  # [rows, max_blocks] int32: row i decodes sequence i
+                seq_lens: torch.Tensor,  # [rows] int32, including this step's token
+                scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Every layer and the final norm for `rows` decodes (one token each); writes each row's
+    K/V into the layers' caches and returns the normed hidden states [rows, hidden]. A block
+    id, length or slot outside the cache raises ValueError before anything is written."""
+    lib = _library()
+    assert lib is not None, "call available() first"
+    rows = embeddings.shape[0]
+    head_dim = weights.head_dim
+    cos, sin = cos.reshape(rows, head_dim), sin.reshape(rows, head_dim)
+    for t in (embeddings, cos, sin):
+        assert t.dtype == torch.float32 and t.is_contiguous(), "fp32, contiguous"
+    assert embeddings.shape == (rows, weights.hidden)
+    slot_mapping = slot_mapping.to(torch.int64).contiguous()
+    block_table = block_table.to(torch.int32).contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    assert slot_mapping.shape == (rows,) and seq_lens.shape == (rows,)
+    assert block_table.dim() == 2 and block_table.shape[0] == rows
+    out = torch.empty_like(embeddings)
+    num_blocks, block_size = weights.cache_shape[0], weights.cache_shape[1]
+    status = lib.pagedserve_decode_step_f32(
+        embeddings.data_ptr(), cos.data_ptr(), sin.data_ptr(), weights.table.data_ptr(),
+        weights.final_norm.data_ptr(), slot_mapping.data_ptr(), block_table.data_ptr(),
+        block_table.shape[1], seq_lens.data_ptr(), out.data_ptr(), rows, len(weights.layers),
+        weights.hidden, weights.num_heads, weights.num_kv_heads, head_dim,
+        weights.intermediate, num_blocks, block_size, weights.cache_stride[0],
+        weights.cache_stride[1], weights.eps, scale, sliding_window or 0,
+        torch.get_num_threads())
+    if status == -1:
+        raise ValueError(f"decoder_cpu: unsupported heads ({weights.num_heads} query heads, "
+                         f"{weights.num_kv_heads} kv heads, head_dim {head_dim})")
+    if status != 0:
+        raise ValueError("decoder_cpu: a block id, sequence length or slot lies outside the "
+                         "KV cache")
+    return out

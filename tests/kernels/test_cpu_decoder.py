@@ -1,0 +1,158 @@
+"""kernels.cpu_decoder (kernels/csrc/decoder_cpu.cpp): a whole decode step against the model's
+own layer-by-layer forward (server/models/llama.py), for Llama, Qwen2 (qkv bias) and Qwen3
+(q/k norm) shapes, GQA, sliding windows and head sizes with and without a compiled-in size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import cpu_decoder
+from server.model_runner.attention_metadata import AttentionMetadata
+from server.models.arch_config import ArchConfig
+from server.models.layers.linear import pack_linear_weights
+from server.models.llama import LlamaForCausalLM, use_compiled_decode, use_fused_cpu_ops
+from tests.kernels.test_cpu_attention import needs_compiler
+
+pytestmark = needs_compiler
+
+BLOCK_SIZE, NUM_BLOCKS = 4, 64
+
+
+def make_model(arch: str = "LlamaForCausalLM", head_dim: int = 16, heads: int = 4,
+               kv_heads: int = 2, layers: int = 2, sliding_window: int | None = None,
+               seed: int = 0) -> LlamaForCausalLM:
+    raw = {"architectures": [arch], "vocab_size": 50, "hidden_size": 48,
+           "intermediate_size": 40, "num_hidden_layers": layers, "num_attention_heads": heads,
+           "num_key_value_heads": kv_heads, "head_dim": head_dim, "rms_norm_eps": 1e-5,
+           "max_position_embeddings": 256}
+    if sliding_window is not None:
+        raw["sliding_window"] = sliding_window
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(ArchConfig.from_dict(raw), 256).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.5)
+    assert pack_linear_weights(model, small=True) > 0
+    use_fused_cpu_ops(model)
+    return model
+
+
+def make_step(model: LlamaForCausalLM, seq_lens: list[int], seed: int = 1):
+    """A decode-only batch over shuffled cache blocks, and caches filled with noise."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    shape = (NUM_BLOCKS, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
+    caches = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+              for _ in range(cfg.num_layers)]
+    width = max(-(-n // BLOCK_SIZE) for n in seq_lens)
+    blocks = torch.randperm(NUM_BLOCKS, generator=g)
+    table = torch.zeros((len(seq_lens), width), dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(seq_lens):
+        count = -(-n // BLOCK_SIZE)
+        table[i, :count] = blocks[used:used + count].to(torch.int32)
+        used += count
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    positions = lens.long() - 1
+    slots = (table[torch.arange(len(seq_lens)), positions // BLOCK_SIZE].long() * BLOCK_SIZE
+             + positions % BLOCK_SIZE)
+    md = AttentionMetadata(torch.arange(len(seq_lens) + 1, dtype=torch.int32), lens, table,
+                           slots, "cpu")
+    md.plan = kernels.attention_plan(md.block_table, md.seq_lens, md.query_start_loc, BLOCK_SIZE,
+                                     cfg.sliding_window, backend="cpu")
+    input_ids = torch.randint(0, cfg.vocab_size, (len(seq_lens),), generator=g)
+    return input_ids, positions, caches, md
+
+
+def both_paths(model, input_ids, positions, caches, md):
+    """(hidden, caches) from the layer-by-layer forward and from the compiled step."""
+    results = []
+    for compiled in (False, True):
+        model.model.compiled_decode = compiled
+        own = [(k.clone(), v.clone()) for k, v in caches]
+        with torch.inference_mode():
+            results.append((model.model(input_ids, positions, own, md), own))
+    model.model.compiled_decode = False
+    return results
+
+
+def assert_same(results):
+    (expected, expected_caches), (got, got_caches) = results
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for (ek, ev), (gk, gv) in zip(expected_caches, got_caches):
+        torch.testing.assert_close(gk, ek, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gv, ev, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_builds():
+    assert cpu_decoder.available()
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+@pytest.mark.parametrize("seq_lens", [[1], [9], [5, 17, 2], [3, 30, 8, 1, 12, 4, 21, 16]])
+def test_matches_the_layer_by_layer_forward(arch, seq_lens):
+    model = make_model(arch)
+    assert use_compiled_decode(model)
+    assert_same(both_paths(model, *make_step(model, seq_lens)))
+
+
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 2, 1), (24, 3, 3), (128, 2, 2)])
+def test_head_sizes(head_dim, heads, kv_heads):
+    model = make_model(head_dim=head_dim, heads=heads, kv_heads=kv_heads, layers=1)
+    assert use_compiled_decode(model)
+    assert_same(both_paths(model, *make_step(model, [7, 19])))
+
+
+def test_sliding_window():
+    model = make_model("MistralForCausalLM", sliding_window=6)
+    assert use_compiled_decode(model)
+    assert_same(both_paths(model, *make_step(model, [3, 6, 7, 25])))
+
+
+def test_the_step_takes_the_compiled_path_only_for_few_decodes(monkeypatch):
+    model = make_model()
+    assert use_compiled_decode(model)
+    calls = []
+    real = cpu_decoder.decode_step
+    monkeypatch.setattr(cpu_decoder, "decode_step",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        model.model(*make_step(model, [5] * 8))
+        assert len(calls) == 1
+        model.model(*make_step(model, [5] * 9))  # past the small-row GEMM's rows
+        assert len(calls) == 1
+        input_ids, positions, caches, md = make_step(model, [5, 3])
+        md.plan = kernels.attention_plan(md.block_table, md.seq_lens, md.query_start_loc,
+                                         BLOCK_SIZE, None, backend="torch")
+        model.model(input_ids, positions, caches, md)  # the torch path was asked for
+        assert len(calls) == 1
+
+
+def test_out_of_range_blocks_raise_and_write_nothing():
+    model = make_model()
+    assert use_compiled_decode(model)
+    input_ids, positions, caches, md = make_step(model, [5, 9])
+    before = [(k.clone(), v.clone()) for k, v in caches]
+    bad = md.block_table.clone()
+    bad[1, 2] = NUM_BLOCKS
+    md.block_table = bad
+    with torch.inference_mode(), pytest.raises(ValueError, match="outside the KV cache"):
+        model.model(input_ids, positions, caches, md)
+    md.block_table = bad.clamp(max=NUM_BLOCKS - 1)
+    md.slot_mapping = md.slot_mapping + NUM_BLOCKS * BLOCK_SIZE
+    with torch.inference_mode(), pytest.raises(ValueError, match="outside the KV cache"):
+        model.model(input_ids, positions, caches, md)
+    for (k, v), (bk, bv) in zip(caches, before):
+        assert torch.equal(k, bk) and torch.equal(v, bv)
+
+
+def test_needs_every_small_row_copy():
+    model = make_model()
+    model.model.layers[1].mlp.down_proj.packed = None
+    assert not use_compiled_decode(model)
+    assert not model.model.compiled_decode

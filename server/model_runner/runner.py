@@ -17,7 +17,7 @@ from server.model_runner.sampler import Sampler, SamplingRow
 from server.models.arch_config import ArchConfig
 from server.models.errors import ModelLoadError
 from server.models.layers.linear import SMALL_ROWS, Linear, pack_linear_weights
-from server.models.llama import use_compiled_decode, use_fused_cpu_ops
+from server.models.llama import COMPILED_DECODE_ROWS, use_compiled_decode, use_fused_cpu_ops
 from server.models.loader import load_model, resolve_dtype
 from server.scheduler.output import SampleResult, SchedulerOutput
 
@@ -85,7 +85,7 @@ class ModelRunner:
                     and os.environ.get("PAGEDSERVE_COMPILED_DECODE", "1") != "0"
                     and use_compiled_decode(self.model)):
                 logger.info("compiled decode step: decode-only steps of 1-%d sequences run "
-                            "every layer in one kernel call", SMALL_ROWS[1])
+                            "every layer in one kernel call", COMPILED_DECODE_ROWS)
         self.num_blocks = self._num_blocks_from_budget()
         shape = (self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),

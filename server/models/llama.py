@@ -16,7 +16,7 @@ import kernels
 from kernels import cpu_decoder, cpu_fused
 from server.model_runner.attention_metadata import AttentionMetadata
 from server.models.arch_config import ArchConfig
-from server.models.layers.linear import SMALL_ROWS, Linear, PackedWeight, linear, packed_weight
+from server.models.layers.linear import Linear, PackedWeight, linear, packed_weight
 from server.models.layers.norm import RMSNorm
 from server.models.layers.rotary import RotaryEmbedding, rotate
 
@@ -111,9 +111,12 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+COMPILED_DECODE_ROWS = 64  # decode-only steps of up to this many rows: kernels.cpu_decoder
+
+
 class LlamaModel(nn.Module):
-    # Decode-only steps of 1..SMALL_ROWS[1] rows run every layer in one kernels.cpu_decoder call
-    # (set by use_compiled_decode); everything else goes layer by layer.
+    # Decode-only steps of 1..COMPILED_DECODE_ROWS rows run every layer in one
+    # kernels.cpu_decoder call (set by use_compiled_decode); everything else goes layer by layer.
     compiled_decode = False
 
     def __init__(self, cfg: ArchConfig, max_position: int) -> None:
@@ -130,7 +133,7 @@ class LlamaModel(nn.Module):
                 kv_caches: list[KVCache], md: AttentionMetadata) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         rope = self.rotary.cos_sin(positions, h.dtype)
-        if (self.compiled_decode and input_ids.shape[0] <= SMALL_ROWS[1]
+        if (self.compiled_decode and input_ids.shape[0] <= COMPILED_DECODE_ROWS
                 and getattr(md.plan, "all_decode", False) and getattr(md.plan, "native", False)):
             attn = cast(DecoderLayer, self.layers[0]).self_attn
             return cpu_decoder.decode_step(self._decoder_tensors(kv_caches), h, *rope,

@@ -12,12 +12,17 @@ from kernels import cpu_decoder
 from server.model_runner.attention_metadata import AttentionMetadata
 from server.models.arch_config import ArchConfig
 from server.models.layers.linear import pack_linear_weights
-from server.models.llama import LlamaForCausalLM, use_compiled_decode, use_fused_cpu_ops
+from server.models.llama import (
+    COMPILED_DECODE_ROWS,
+    LlamaForCausalLM,
+    use_compiled_decode,
+    use_fused_cpu_ops,
+)
 from tests.kernels.test_cpu_attention import needs_compiler
 
 pytestmark = needs_compiler
 
-BLOCK_SIZE, NUM_BLOCKS = 4, 64
+BLOCK_SIZE, NUM_BLOCKS = 4, 160
 
 
 def make_model(arch: str = "LlamaForCausalLM", head_dim: int = 16, heads: int = 4,
@@ -94,8 +99,10 @@ def test_kernel_builds():
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
-@pytest.mark.parametrize("seq_lens", [[1], [9], [5, 17, 2], [3, 30, 8, 1, 12, 4, 21, 16]])
+@pytest.mark.parametrize("seq_lens", [[1], [9], [5, 17, 2], [3, 30, 8, 1, 12, 4, 21, 16],
+                                      [(7 * i) % 23 + 1 for i in range(40)]])
 def test_matches_the_layer_by_layer_forward(arch, seq_lens):
+    """1-3 rows: attention per (row, kv head); 8 and 40: per row; 40 rows: GEMM row passes."""
     model = make_model(arch)
     assert use_compiled_decode(model)
     assert_same(both_paths(model, *make_step(model, seq_lens)))
@@ -122,9 +129,9 @@ def test_the_step_takes_the_compiled_path_only_for_few_decodes(monkeypatch):
     monkeypatch.setattr(cpu_decoder, "decode_step",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.inference_mode():
-        model.model(*make_step(model, [5] * 8))
+        model.model(*make_step(model, [5] * COMPILED_DECODE_ROWS))
         assert len(calls) == 1
-        model.model(*make_step(model, [5] * 9))  # past the small-row GEMM's rows
+        model.model(*make_step(model, [5] * (COMPILED_DECODE_ROWS + 1)))  # past its rows
         assert len(calls) == 1
         input_ids, positions, caches, md = make_step(model, [5, 3])
         md.plan = kernels.attention_plan(md.block_table, md.seq_lens, md.query_start_loc,

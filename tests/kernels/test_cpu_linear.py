@@ -12,8 +12,9 @@ from tests.kernels.test_cpu_attention import needs_compiler
 pytestmark = needs_compiler
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 40])  # 8-row passes: 1, 2 and 5 of them
-@pytest.mark.parametrize("out_features,in_features", [(48, 64), (200, 96), (7, 1536)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 40, 64])  # 8-row passes: 1, 2, 5, 8
+# 16-column blocks in groups of 3: one group; 5 groups, the last of 1 block; a last one of 2
+@pytest.mark.parametrize("out_features,in_features", [(48, 64), (200, 96), (7, 1536), (80, 33)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_f_linear(rows, out_features, in_features, bias):
     g = torch.Generator().manual_seed(rows * 1000 + out_features)

@@ -50,6 +50,7 @@ def test_phase_timers_are_removed_again():
 def test_compiled_kernels_are_listed_and_unwrapped_again():
     from kernels import cpu_attention, cpu_decoder, cpu_fused
     from server import LLM, SamplingParams
+    from server.models.llama import COMPILED_DECODE_ROWS
 
     if not cpu_fused.available():
         pytest.skip("no C++ compiler: nothing compiled to list")
@@ -59,7 +60,7 @@ def test_compiled_kernels_are_listed_and_unwrapped_again():
         engine.add_request(f"r{i}", [1, 2, 3 + i], SamplingParams(max_tokens=8, temperature=0.0))
     names = {o["op"] for o in profile_step.top_ops(engine, 2, 100)}  # the prompts, then decodes
     assert {"pagedserve::add_rms_norm", "pagedserve::decode_step"} <= names
-    for i in range(2, 12):  # past the compiled step's rows: layer by layer
+    for i in range(2, COMPILED_DECODE_ROWS + 2):  # past the compiled step's rows: layer by layer
         engine.add_request(f"r{i}", [1, 2, 3 + i], SamplingParams(max_tokens=8, temperature=0.0))
     engine.step()
     names = {o["op"] for o in profile_step.top_ops(engine, 1, 100)}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from server.model_runner.cpu_allocator import keep_freed_memory_mapped
 from server.models.layers import linear as linear_mod
-from server.models.layers.linear import PACKED_MIN_ROWS, Linear, pack_linear_weights
+from server.models.layers.linear import PACKED_MIN_ROWS, SMALL_ROWS, Linear, pack_linear_weights
 
 
 @pytest.mark.parametrize("rows", [1, PACKED_MIN_ROWS - 1, PACKED_MIN_ROWS, 64, 300])
@@ -102,7 +102,7 @@ def test_packing_is_skipped_when_the_copies_exceed_the_budget():
     assert pack_linear_weights(model, budget_bytes=needed) == 2
 
 
-def test_small_row_copies_serve_2_to_8_rows(monkeypatch):
+def test_small_row_copies_serve_their_rows(monkeypatch):
     from kernels import cpu_linear
 
     if not cpu_linear.available():
@@ -111,11 +111,12 @@ def test_small_row_copies_serve_2_to_8_rows(monkeypatch):
     layer = Linear(96, 200, bias=True)  # 200 outputs: the last 16-column block is partial
     assert layer.pack(small=True) and layer.packed.small is not None
     used = rows_seen(monkeypatch, cpu_linear, "linear")
-    for rows in (1, 2, 3, 8, 9, 16, 40):
+    lo, hi = SMALL_ROWS
+    for rows in (lo, lo + 1, hi, hi + 1, 2 * hi):
         x = torch.randn(rows, 96)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
                                    rtol=1e-5, atol=1e-5)
-    assert used == [2, 3, 8]
+    assert used == [lo, lo + 1, hi]
 
 
 def test_small_row_copies_are_dropped_first_when_over_budget():

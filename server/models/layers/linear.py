@@ -16,8 +16,8 @@ For 1-3 rows MKL's GEMV on the plain weight is faster, so those keep it; the pac
 second copy of every linear weight in memory, hence the runner's budget (`pack_linear_weights`).
 
 With the compiled CPU kernels (`small=True`), a third copy in kernels/cpu_linear.py's layout
-serves 2-8 rows: 1.03-1.13x MKL's packed GEMM there over the SmolLM2-135M weights (equal at
-12-16 rows, MKL ahead from ~24; GEMV at 1 row is as fast).
+serves 1-32 rows (SMALL_ROWS): over the SmolLM2-135M weights, 2 threads, it takes 0.95x MKL's
+time at 1 row, 0.69-0.80x at 4-16, 0.88x at 32 and 1.03x at 64 (so MKL keeps 33+ rows).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from kernels import cpu_linear
 logger = logging.getLogger(__name__)
 
 PACKED_MIN_ROWS = 4  # measured crossover on 2 Sapphire Rapids cores, README "Benchmarks"
-SMALL_ROWS = (2, 8)  # rows served from the cpu_linear copy, when there is one (measured)
+SMALL_ROWS = (1, 32)  # rows served from the cpu_linear copy, when there is one (measured)
 _MKL_PACK_ROWS = 64  # the batch-size hint given to MKL's packer (the layout ignores it)
 _PROBE_ROWS = (PACKED_MIN_ROWS, 7, 64, 200)
 

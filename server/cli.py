@@ -59,8 +59,9 @@ def add_engine_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
                         action="store_false", help="turn prefix caching off")
     parser.add_argument("--max-num-seqs", type=int, default=256,
                         help="most requests running at once")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                        help="token budget of one engine step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="token budget of one engine step (default: 512 on CPU, 2048 on "
+                             "CUDA)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

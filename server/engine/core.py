@@ -54,7 +54,8 @@ class EngineCore:
         self.runner = ModelRunner(config, self.arch, self.model_dir, self.max_model_len)
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler.for_device(self.runner.device.type),
+                                   self.kv_cache, self.max_model_len)
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, tuple[str, int]] = {}
 

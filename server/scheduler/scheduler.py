@@ -21,7 +21,11 @@ from server.scheduler.output import (
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager,
                  max_model_len: int) -> None:
+        if config.max_num_batched_tokens is None:
+            raise ValueError("SchedulerConfig.max_num_batched_tokens is unset: "
+                             "use SchedulerConfig.for_device(...)")
         self.config = config
+        self.token_budget: int = config.max_num_batched_tokens
         self.kv_cache = kv_cache
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
@@ -88,7 +92,7 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+        budget = self.token_budget
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
 
@@ -138,7 +142,7 @@ class Scheduler:
         finished, self._finished_req_ids = self._finished_req_ids, set()
         return SchedulerOutput(
             scheduled=scheduled,
-            num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+            num_scheduled_tokens=self.token_budget - budget,
             finished_req_ids=finished,
             preempted_req_ids=preempted,
         )

@@ -192,3 +192,13 @@ def test_fused_cpu_ops_follow_the_backend_and_keep_the_tokens(tmp_path, arch):
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(
             [{"prompt_token_ids": p} for p in prompts], params)]
     assert tokens["auto"] == tokens["torch"]
+
+
+def test_cpu_engine_takes_the_cpu_token_budget():
+    from server import LLM
+    from server.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
+
+    engine = LLM(kv_cache_memory=1 << 24).engine
+    assert engine.scheduler.token_budget == DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu"]
+    given = LLM(kv_cache_memory=1 << 24, max_num_batched_tokens=64).engine
+    assert given.scheduler.token_budget == 64

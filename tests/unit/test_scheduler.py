@@ -620,3 +620,14 @@ def test_random_workloads_finish_with_all_their_tokens(num_blocks, budget, max_n
         n = min(r.max_tokens, max_model_len - r.num_prompt_tokens)
         assert r.status == RequestStatus.FINISHED_LENGTH
         assert r.output_token_ids == expected_outputs(n)
+
+
+def test_token_budget_defaults_by_device():
+    from server.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
+
+    unset = SchedulerConfig()
+    assert unset.for_device("cpu").max_num_batched_tokens == DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu"]
+    assert unset.for_device("cuda").max_num_batched_tokens == 2048
+    assert SchedulerConfig(max_num_batched_tokens=96).for_device("cpu").max_num_batched_tokens == 96
+    with pytest.raises(ValueError, match="for_device"):
+        Scheduler(unset, KVCacheManager(16, 4, True), max_model_len=64)

@@ -182,9 +182,10 @@ def _bias(module: Linear) -> torch.Tensor | None:
 
 
 def use_compiled_decode(model: nn.Module) -> bool:
-    """Run decode-only steps of few rows through kernels.cpu_decoder, where it applies: an fp32
-    CPU model whose projections all have their small-row copies (pack_linear_weights with
-    small=True), and the kernel built. Returns whether it was switched on."""
+    """Run decode-only steps of up to COMPILED_DECODE_ROWS rows through kernels.cpu_decoder,
+    where it applies: an fp32 CPU model whose projections all have their small-row copies
+    (pack_linear_weights with small=True), and the kernel built. Returns whether it was
+    switched on."""
     inner = getattr(model, "model", None)
     if not isinstance(inner, LlamaModel) or len(inner.layers) == 0:
         return False

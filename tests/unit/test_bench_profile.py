@@ -69,3 +69,15 @@ def test_compiled_kernels_are_listed_and_unwrapped_again():
             cpu_decoder.decode_step) == originals
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def test_decode_parts_measures_the_compiled_step():
+    from kernels import cpu_decoder
+    from server.assets import BUNDLED_MODEL_DIR
+    from server.bench import decode_parts
+
+    if not cpu_decoder.available():
+        pytest.skip("no C++ compiler: no compiled decode step")
+    parts = decode_parts.measure(BUNDLED_MODEL_DIR, batch_size=3, context=40, repeats=1)
+    assert parts["step_ms"] > 0 and parts["step_1_token_ms"] > 0 and parts["logits_ms"] > 0
+    assert parts["attention_ms"] == parts["step_ms"] - parts["step_1_token_ms"]

@@ -44,10 +44,32 @@ inline v16 sum_each(v16 p[16]) {
   return SHUFFLE(r, r, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
 }
 
+// The next block's rows that a task will read, prefetched a few lines at a time while it
+// works on the current block: the hardware prefetchers alone start over at every block and
+// left the kernel reading DRAM at ~13 GB/s where a plain loop over the same blocks reads ~20.
+struct BlockPrefetch {
+  const float* base = nullptr;  // the block's first row at the task's first kv head
+  int64_t stride_slot = 0;
+  int row_lines = 0, lines = 0, line = 0;
+
+  void start(const float* block, int64_t stride, int row_floats, int rows) {
+    base = block;
+    stride_slot = stride;
+    row_lines = (row_floats + 15) / 16;
+    lines = rows * row_lines;
+    line = 0;
+  }
+  void step(int count) {
+    for (int c = 0; c < count && line < lines; ++c, ++line)
+      __builtin_prefetch(base + line / row_lines * stride_slot + line % row_lines * 16, 0, 2);
+  }
+};
+
 // scores[h * n + j] = scale * q_h . k_j for `count` (<= 16) consecutive token rows k_j (row
 // stride `stride_slot`, kv head h / G at offset (h / G) * D); D a multiple of 16.
 inline void score_16_tokens(const float* k, int64_t stride_slot, int count, const float* q,
-                            int nh, int G, int D, float scale, float* scores, int n) {
+                            int nh, int G, int D, float scale, float* scores, int n,
+                            BlockPrefetch& prefetch) {
   for (int h = 0; h < nh; ++h) {
     const float* __restrict qh = q + h * D;
     const int64_t kv = static_cast<int64_t>(h / G) * D;
@@ -57,6 +79,7 @@ inline void score_16_tokens(const float* k, int64_t stride_slot, int count, cons
       v16 acc = load16(qh) * load16(kj);
       for (int c = 16; c < D; c += 16) acc += load16(qh + c) * load16(kj + c);
       part[j] = acc;
+      prefetch.step(2);
     }
     for (int j = count; j < 16; ++j) part[j] = v16{};
     const v16 s = sum_each(part) * scale;
@@ -105,20 +128,31 @@ inline void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head
   const float* __restrict q = a.query + a.rows[decode] * a.stride_query + head_offset * G;
   const int32_t* table = a.block_table + seq * a.stride_table;
 
+  const int row_floats = (kv_hi - kv_lo) * D;
+  const int t_first = first - first % a.block_size;
+  const int last_block = (seq_len - 1) / a.block_size;
+  BlockPrefetch prefetch;
   // Pass 1: scores[h, t] = scale * q_h . k_t (query head h reads kv head h / G)
-  for (int t0 = first - first % a.block_size; t0 < seq_len; t0 += a.block_size) {
+  for (int t0 = t_first; t0 < seq_len; t0 += a.block_size) {
     const int64_t base = table[t0 / a.block_size] * a.stride_block + head_offset;
     const int lo = t0 < first ? first : t0;
     const int hi = t0 + a.block_size < seq_len ? t0 + a.block_size : seq_len;
+    const int b = t0 / a.block_size;
+    const int64_t next = b < last_block ? table[b + 1] * a.stride_block + head_offset
+                                        : table[t_first / a.block_size] * a.stride_block
+                                              + head_offset;  // then pass 2's first block
+    prefetch.start((b < last_block ? a.key_cache : a.value_cache) + next, a.stride_slot,
+                   row_floats, a.block_size);
     if (D % 16 == 0) {
       for (int g0 = lo; g0 < hi; g0 += 16)
         score_16_tokens(a.key_cache + base + (g0 - t0) * a.stride_slot, a.stride_slot,
                         hi - g0 < 16 ? hi - g0 : 16, q, nh, G, D, a.scale,
-                        scores + (g0 - first), n);
+                        scores + (g0 - first), n, prefetch);
       continue;
     }
     for (int t = lo; t < hi; ++t) {
       const float* __restrict k = a.key_cache + base + (t - t0) * a.stride_slot;
+      prefetch.step(2 * nh);
       for (int h = 0; h < nh; ++h) {
         const float* __restrict qh = q + h * D;
         const float* __restrict kh = k + (h / G) * D;
@@ -147,11 +181,16 @@ inline void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head
   for (int h = 0; h < nh; ++h) o[h * D] = acc[h * D];
   // Pass 2: acc[h] = sum_t p[h, t] v_t
   std::memset(acc, 0, sizeof(float) * nh * D);
-  for (int t0 = first - first % a.block_size; t0 < seq_len; t0 += a.block_size) {
+  for (int t0 = t_first; t0 < seq_len; t0 += a.block_size) {
     const int64_t base = table[t0 / a.block_size] * a.stride_block + head_offset;
     const int lo = t0 < first ? first : t0;
     const int hi = t0 + a.block_size < seq_len ? t0 + a.block_size : seq_len;
+    const int b = t0 / a.block_size;
+    if (b < last_block)
+      prefetch.start(a.value_cache + table[b + 1] * a.stride_block + head_offset, a.stride_slot,
+                     row_floats, a.block_size);
     for (int t = lo; t < hi; ++t) {
+      prefetch.step(2 * nh);
       const float* __restrict v = a.value_cache + base + (t - t0) * a.stride_slot;
       for (int h = 0; h < nh; ++h) {
         const float p = scores[static_cast<size_t>(h) * n + (t - first)];

@@ -53,7 +53,7 @@ class CacheConfig:
 
 # The token budget of a step where none is given, by device type. CPU: a 2048-token step of
 # prompts takes ~1.7 s of 2 cores, which every request arriving meanwhile waits out; 512 cut the
-# median TTFT at concurrency 32 to ~0.44x for the same output tok/s (README "Tuning").
+# median TTFT at concurrency 32 to ~0.44x for 0.95-1.06x the output tok/s (README "Tuning").
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
 
 

@@ -49,6 +49,10 @@ class ArchConfig:
             qwen2 = arch == "Qwen2ForCausalLM"
             if raw.get("use_sliding_window"):
                 raise ModelLoadError(f"{arch} with use_sliding_window=true is not supported")
+            hidden_act = str(raw.get("hidden_act", "silu"))
+            if hidden_act != "silu":  # the MLP (and the compiled CPU kernels) compute SiLU
+                raise ModelLoadError(f"{arch} with hidden_act={hidden_act!r} is not supported "
+                                     f"(only 'silu')")
             return cls(
                 architecture=arch,
                 vocab_size=int(raw["vocab_size"]),
@@ -70,7 +74,7 @@ class ArchConfig:
                 sliding_window=(int(raw["sliding_window"]) if arch == "MistralForCausalLM"
                                 and raw.get("sliding_window") else None),
                 torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
-                hidden_act=str(raw.get("hidden_act", "silu")),
+                hidden_act=hidden_act,
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json is missing the field {e.args[0]!r}") from None

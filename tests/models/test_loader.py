@@ -72,6 +72,12 @@ def test_unsupported_architecture(llama_dir):
         LLM(str(llama_dir), kv_cache_memory=SMALL_CACHE)
 
 
+def test_unsupported_activation(llama_dir):
+    edit_config(llama_dir, hidden_act="gelu")
+    with pytest.raises(ModelLoadError, match="hidden_act='gelu' is not supported"):
+        LLM(str(llama_dir), kv_cache_memory=SMALL_CACHE)
+
+
 def test_missing_weights(llama_dir):
     (llama_dir / "model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match="no \\*.safetensors"):

@@ -15,6 +15,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
 from server.api.errors import APIError, from_validation_error, install_error_handlers
@@ -32,6 +34,41 @@ from server.config import EngineConfig, ServerConfig
 from server.engine.async_client import AsyncEngineClient, make_engine_client
 
 _PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+class RequestIdAndAuth:
+    """X-Request-Id on every response (the client's, or a fresh one) and the API key check of the
+    protected paths, as plain ASGI: `@app.middleware("http")` (BaseHTTPMiddleware) would relay
+    every streamed chunk through an extra task and memory stream."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-Id"] = request_id
+            await send(message)
+
+        if (self.api_key and scope["method"] != "OPTIONS"
+                and scope["path"].startswith(_PROTECTED_PREFIXES)):
+            auth = headers.get("authorization", "")
+            token = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                response = APIError(401, "invalid or missing API key (send it as "
+                                    "'Authorization: Bearer <key>')",
+                                    type="authentication_error",
+                                    code="invalid_api_key").response()
+                await response(scope, receive, send_with_id)
+                return
+        await self.app(scope, receive, send_with_id)
 
 
 def served_name(engine_config: EngineConfig, server_config: ServerConfig) -> str:
@@ -84,24 +121,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
         app.add_middleware(CORSMiddleware, allow_origins=list(server_config.allowed_origins),
                            allow_methods=["*"], allow_headers=["*"])
 
-    @app.middleware("http")
-    async def request_id_and_auth(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        key = server_config.api_key
-        if (key and request.method != "OPTIONS"
-                and request.url.path.startswith(_PROTECTED_PREFIXES)):
-            auth = request.headers.get("authorization", "")
-            token = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), key.encode()):
-                response = APIError(401, "invalid or missing API key (send it as "
-                                    "'Authorization: Bearer <key>')",
-                                    type="authentication_error",
-                                    code="invalid_api_key").response()
-                response.headers["X-Request-Id"] = request_id
-                return response
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = request_id
-        return response
+    app.add_middleware(RequestIdAndAuth, api_key=server_config.api_key)
 
     @app.get("/health")
     async def health() -> Response:

@@ -62,10 +62,6 @@ void run_step(const Step& s, const int64_t* index, int num_threads) {
   float* act = gate_up + M * 2 * I;    // [M, I]
   std::memcpy(residual, s.embeddings, sizeof(float) * M * H);
 
-  // Attention tasks: whole decodes when there are enough to keep the threads busy (a token's
-  // K/V rows read front to back), one kv head each otherwise.
-  const int64_t split = M >= 4 * num_threads ? 1 : s.kv_heads;
-  const int heads_per_task = static_cast<int>(s.kv_heads / split);
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<float> scratch;
@@ -105,12 +101,7 @@ void run_step(const Step& s, const int64_t* index, int num_threads) {
                                s.seq_lens, index, index, static_cast<int>(s.heads),
                                static_cast<int>(s.kv_heads), static_cast<int>(s.block_size),
                                s.scale, s.sliding_window};
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t task = 0; task < M * split; ++task) {
-        const int kv = static_cast<int>(task % split) * heads_per_task;
-        pagedserve::attend<HEAD_DIM>(a, task / split, kv, kv + heads_per_task,
-                                     static_cast<int>(D), scratch);
-      }
+      pagedserve::attend_all_for<HEAD_DIM>(a, M, static_cast<int>(D), scratch);
       pagedserve::gemm_packed_for(attn, q_size, column(p, kO), column(p, kOBias), o, H, M,
                                   static_cast<int>(H), static_cast<int>(q_size));
 #pragma omp for schedule(static)

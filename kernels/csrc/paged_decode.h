@@ -7,6 +7,8 @@
 
 #pragma once
 
+#include <omp.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -111,7 +113,7 @@ struct Args {
 // HEAD_DIM > 0: the head size as a compile-time constant; 0: `head_dim` at run time.
 template <int HEAD_DIM>
 inline void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head_dim,
-            std::vector<float>& scratch) {
+                   std::vector<float>& scratch) {
   const int D = HEAD_DIM > 0 ? HEAD_DIM : head_dim;
   const int G = a.num_heads / a.num_kv_heads;
   const int nh = (kv_hi - kv_lo) * G;  // query heads of this task
@@ -134,10 +136,10 @@ inline void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head
   BlockPrefetch prefetch;
   // Pass 1: scores[h, t] = scale * q_h . k_t (query head h reads kv head h / G)
   for (int t0 = t_first; t0 < seq_len; t0 += a.block_size) {
-    const int64_t base = table[t0 / a.block_size] * a.stride_block + head_offset;
+    const int b = t0 / a.block_size;
+    const int64_t base = table[b] * a.stride_block + head_offset;
     const int lo = t0 < first ? first : t0;
     const int hi = t0 + a.block_size < seq_len ? t0 + a.block_size : seq_len;
-    const int b = t0 / a.block_size;
     const int64_t next = b < last_block ? table[b + 1] * a.stride_block + head_offset
                                         : table[t_first / a.block_size] * a.stride_block
                                               + head_offset;  // then pass 2's first block
@@ -182,10 +184,10 @@ inline void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head
   // Pass 2: acc[h] = sum_t p[h, t] v_t
   std::memset(acc, 0, sizeof(float) * nh * D);
   for (int t0 = t_first; t0 < seq_len; t0 += a.block_size) {
-    const int64_t base = table[t0 / a.block_size] * a.stride_block + head_offset;
+    const int b = t0 / a.block_size;
+    const int64_t base = table[b] * a.stride_block + head_offset;
     const int lo = t0 < first ? first : t0;
     const int hi = t0 + a.block_size < seq_len ? t0 + a.block_size : seq_len;
-    const int b = t0 / a.block_size;
     if (b < last_block)
       prefetch.start(a.value_cache + table[b + 1] * a.stride_block + head_offset, a.stride_slot,
                      row_floats, a.block_size);
@@ -205,6 +207,22 @@ inline void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head
     const float inv_sum = o[h * D];
 #pragma omp simd
     for (int d = 0; d < D; ++d) o[h * D + d] = acc[h * D + d] * inv_sum;
+  }
+}
+
+// Attention of every decode in `a`, shared among the threads of the enclosing parallel region
+// (an orphaned `omp for`, barrier at the end): one task per decode when there are enough of
+// them to keep the threads busy (a token's K/V rows read front to back), one per (decode, kv
+// head) otherwise.
+template <int HEAD_DIM>
+inline void attend_all_for(const Args& a, int64_t num_decodes, int head_dim,
+                           std::vector<float>& scratch) {
+  const int split = num_decodes >= 4 * omp_get_num_threads() ? 1 : a.num_kv_heads;
+  const int per_task = a.num_kv_heads / split;
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t task = 0; task < num_decodes * split; ++task) {
+    const int kv_lo = static_cast<int>(task % split) * per_task;
+    attend<HEAD_DIM>(a, task / split, kv_lo, kv_lo + per_task, head_dim, scratch);
   }
 }
 

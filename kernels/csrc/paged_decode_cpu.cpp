@@ -1,8 +1,7 @@
 // Decode attention over the paged KV cache on CPU, fp32: one query token per sequence, read
 // straight through the block table (no gathered copy of K and V).
 //
-// One task per decode (per (decode, kv head) when there are few decodes), each one
-// paged_decode.h `attend`. Tasks are spread over OpenMP threads; torch's libgomp is the one
+// paged_decode.h `attend_all_for` in a parallel region of its own. torch's libgomp is the one
 // already loaded, so this shares torch's thread pool.
 
 #include <omp.h>
@@ -15,23 +14,13 @@
 namespace {
 
 using pagedserve::Args;
-using pagedserve::attend;
 
 template <int HEAD_DIM>
 void run(const Args& a, int64_t num_decodes, int head_dim, int num_threads) {
-  // Whole decodes per task when there are enough of them to keep the threads busy; one kv head
-  // per task otherwise.
-  const int split = num_decodes >= 4 * num_threads ? 1 : a.num_kv_heads;
-  const int per_task = a.num_kv_heads / split;
-  const int64_t num_tasks = num_decodes * split;
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<float> scratch;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < num_tasks; ++task) {
-      const int kv_lo = static_cast<int>(task % split) * per_task;
-      attend<HEAD_DIM>(a, task / split, kv_lo, kv_lo + per_task, head_dim, scratch);
-    }
+    pagedserve::attend_all_for<HEAD_DIM>(a, num_decodes, head_dim, scratch);
   }
 }
 

@@ -81,9 +81,8 @@ class ModelRunner:
                         and m.packed is not None and m.packed.small is not None)
             logger.info("prepacked %d linear weights for CPU GEMMs (%d with a copy for %d-%d "
                         "rows)", count, small, *SMALL_ROWS)
-            if (compiled and self.dtype == torch.float32
-                    and os.environ.get("PAGEDSERVE_COMPILED_DECODE", "1") != "0"
-                    and use_compiled_decode(self.model)):
+            if (compiled and os.environ.get("PAGEDSERVE_COMPILED_DECODE", "1") != "0"
+                    and use_compiled_decode(self.model)):  # it checks the model is fp32
                 logger.info("compiled decode step: decode-only steps of 1-%d sequences run "
                             "every layer in one kernel call", COMPILED_DECODE_ROWS)
         self.num_blocks = self._num_blocks_from_budget()

@@ -8,14 +8,14 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from server.engine.llm import LLM
-    from server.engine.outputs import CompletionOutput, RequestOutput
-    from server.engine.sampling_params import SamplingParams
+    from server.outputs import CompletionOutput, RequestOutput
+    from server.sampling_params import SamplingParams
 
 _LAZY = {
     "LLM": "server.engine.llm",
-    "SamplingParams": "server.engine.sampling_params",
-    "RequestOutput": "server.engine.outputs",
-    "CompletionOutput": "server.engine.outputs",
+    "SamplingParams": "server.sampling_params",
+    "RequestOutput": "server.outputs",
+    "CompletionOutput": "server.outputs",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -31,7 +32,10 @@ from server.api.serving_chat import create_chat_completion, render_chat
 from server.api.serving_common import ServingContext
 from server.api.serving_completion import create_completion
 from server.config import EngineConfig, ServerConfig
-from server.engine.async_client import AsyncEngineClient, make_engine_client
+from server.engine.protocol import EngineClient
+from server.engine.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
 
 _PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
@@ -94,23 +98,36 @@ async def read_body(request: Request, model: type[BaseModel], limit: int) -> Bas
 
 
 def build_app(engine_config: EngineConfig, server_config: ServerConfig,
-              engine: AsyncEngineClient | None = None) -> FastAPI:
+              engine: EngineClient | None = None) -> FastAPI:
+    """The app over `engine` (by default the real one, per `server_config.engine_mode`)."""
     name = served_name(engine_config, server_config)
     metrics = Metrics(name)
     if engine is None:
-        engine = make_engine_client(engine_config, server_config.engine_mode,
-                                    step_listener=metrics.on_step)
+        from server.engine.async_client import make_engine_client
+
+        engine = make_engine_client(engine_config, server_config.engine_mode)
     ctx = ServingContext(engine, name, server_config.max_queued_requests, metrics,
                          chat_template=server_config.chat_template)
     created = int(time.time())
     limit = server_config.max_request_body_bytes
+    tokenizer_error: list[BaseException] = []
+
+    async def load_api_tokenizer() -> None:
+        try:
+            ctx.tokenizer = await asyncio.to_thread(load_tokenizer,
+                                                    Path(engine_config.model.model))
+        except Exception as e:  # reported through /health
+            logger.error("tokenizer load failed: %s", e)
+            tokenizer_error.append(e)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        engine.start(asyncio.get_running_loop())
+        engine.start(asyncio.get_running_loop(), metrics.on_step)
+        tokenizer_task = asyncio.create_task(load_api_tokenizer())
         try:
             yield
         finally:
+            tokenizer_task.cancel()
             await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan)
@@ -125,10 +142,10 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
 
     @app.get("/health")
     async def health() -> Response:
-        if engine.alive:
+        if ctx.ready:
             return Response(status_code=200)
-        message = (f"the engine failed to start: {engine.error}" if engine.error
-                   else "the engine is loading")
+        error = engine.error or (tokenizer_error[0] if tokenizer_error else None)
+        message = (f"the engine failed to start: {error}" if error else "the engine is loading")
         return APIError(503, message, type="service_unavailable_error").response()
 
     @app.get("/version")
@@ -142,8 +159,8 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
     def model_card() -> dict:
         card = {"id": name, "object": "model", "created": created, "owned_by": "pagedserve",
                 "root": engine_config.model.model, "parent": None}
-        if engine.alive:
-            card["max_model_len"] = engine.max_model_len
+        if engine.model_info is not None:
+            card["max_model_len"] = engine.model_info.max_model_len
         return card
 
     @app.get("/v1/models")
@@ -179,7 +196,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
         else:
             tokens = list(ctx.tokenizer(body.prompt,
                                         add_special_tokens=body.add_special_tokens).input_ids)
-        return JSONResponse({"count": len(tokens), "max_model_len": engine.max_model_len,
+        return JSONResponse({"count": len(tokens), "max_model_len": ctx.model.max_model_len,
                              "tokens": tokens})
 
     @app.post("/detokenize")

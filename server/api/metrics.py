@@ -7,8 +7,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from server.engine.core import EngineStats
-from server.scheduler.output import EngineCoreOutput
+from server.outputs import EngineCoreOutput, EngineStats
 
 logger = logging.getLogger("server.stats")
 
@@ -57,8 +56,8 @@ class Metrics:
         self._log_prompt_tokens = 0
         self._log_time = time.monotonic()
 
-    def on_step(self, outputs: list[EngineCoreOutput], stats: EngineStats, _: float) -> None:
-        """Called by the engine thread after each step."""
+    def on_step(self, outputs: list[EngineCoreOutput], stats: EngineStats) -> None:
+        """Called on the event loop's thread after each engine step."""
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from server.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128
 MAX_STOP_STRINGS = 4

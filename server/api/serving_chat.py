@@ -21,8 +21,7 @@ from server.api.serving_common import (
     until_disconnected,
     usage,
 )
-from server.engine.async_client import EngineNotReadyError
-from server.scheduler.output import SampleResult
+from server.outputs import SampleResult
 
 
 def render_chat(ctx: ServingContext, messages: list[ChatMessage],
@@ -93,11 +92,8 @@ class _Chat:
         self.id = new_id("chatcmpl")
         self.created = int(time.time())
         self.choices = make_choices(ctx, body, prompt_ids, 0, body.skip_special_tokens)
-        try:  # submit now (see _Prepared in serving_completion)
-            self.request_stream = ctx.engine.generate(self.id, prompt_ids, params)
-        except EngineNotReadyError:
-            raise APIError(503, "the engine is not ready",
-                           type="service_unavailable_error") from None
+        # Submitted now (see _Prepared in serving_completion).
+        self.request_stream = ctx.submit(self.id, prompt_ids, params)
 
     def usage(self) -> dict:
         return usage(len(self.prompt_ids), sum(len(c.token_ids) for c in self.choices))

@@ -17,26 +17,35 @@ from fastapi.responses import StreamingResponse
 from server.api.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenTexts
 from server.api.errors import APIError, bad_request
 from server.api.protocol import _SamplingFields
-from server.engine.async_client import AsyncEngineClient, RequestStream
-from server.engine.sampling_params import SamplingParams
-from server.scheduler.output import EngineCoreOutput, SampleResult
+from server.engine.protocol import EngineClient, EngineNotReadyError, ModelInfo, RequestStream
+from server.outputs import EngineCoreOutput, SampleResult
+from server.sampling_params import SamplingParams
 
 
 @dataclass
 class ServingContext:
-    """What a handler needs besides the request: the engine and the server's settings."""
+    """What a handler needs besides the request: the engine, the tokenizer (the API side owns
+    tokenization; set by the app once loaded) and the server's settings."""
 
-    engine: AsyncEngineClient
+    engine: EngineClient
     served_model_name: str
     max_queued_requests: int
     metrics: Any = None
     chat_template: str | None = None
+    tokenizer: Any = None
 
     _token_texts: TokenTexts | None = None
 
     @property
-    def tokenizer(self):
-        return self.engine.tokenizer
+    def ready(self) -> bool:
+        return self.tokenizer is not None and self.engine.alive
+
+    @property
+    def model(self) -> ModelInfo:
+        info = self.engine.model_info
+        if info is None:
+            raise APIError(503, "the engine is not ready", type="service_unavailable_error")
+        return info
 
     def token_text(self, token_id: int) -> str:
         if self._token_texts is None:
@@ -49,7 +58,7 @@ class ServingContext:
                            f"'{self.served_model_name}'", param="model", code="model_not_found")
 
     def check_ready(self) -> None:
-        if not self.engine.alive:
+        if not self.ready:
             raise APIError(503, "the engine is not ready", type="service_unavailable_error")
 
     def check_queue(self, num_requests: int) -> None:
@@ -59,7 +68,7 @@ class ServingContext:
                            code="rate_limit_exceeded", headers={"Retry-After": "1"})
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
-        vocab = self.engine.vocab_size
+        vocab = self.model.vocab_size
         bad = next((t for t in token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise bad_request(f"token id {bad} is out of range [0, {vocab})", param=param)
@@ -75,7 +84,7 @@ class ServingContext:
                       prompt_param: str = "prompt") -> None:
         """Raise 400 context_length_exceeded when the prompt (plus explicit max_tokens) is
         longer than the model's context."""
-        max_model_len = self.engine.max_model_len
+        max_model_len = self.model.max_model_len
         if num_prompt_tokens >= max_model_len:
             raise bad_request(
                 f"This model's maximum context length is {max_model_len} tokens. However, "
@@ -88,6 +97,15 @@ class ServingContext:
                 f"you requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} "
                 f"in the prompt, {max_tokens} for the completion). Please reduce the prompt "
                 "or max_tokens.", param="max_tokens", code="context_length_exceeded")
+
+
+    def submit(self, request_id: str, prompt_ids: list[int],
+               params: SamplingParams) -> RequestStream:
+        try:
+            return self.engine.generate(request_id, prompt_ids, params)
+        except EngineNotReadyError:
+            raise APIError(503, "the engine is not ready",
+                           type="service_unavailable_error") from None
 
 
 def new_id(prefix: str) -> str:

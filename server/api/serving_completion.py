@@ -23,8 +23,7 @@ from server.api.serving_common import (
     until_disconnected,
     usage,
 )
-from server.engine.async_client import EngineNotReadyError
-from server.scheduler.output import SampleResult
+from server.outputs import SampleResult
 
 
 class _Prepared:
@@ -69,12 +68,8 @@ class _Prepared:
         self.request_streams = self.streams(ctx)
 
     def streams(self, ctx: ServingContext):
-        try:
-            return [ctx.engine.generate(f"{self.id}-{i}", ids, self.params)
-                    for i, ids in enumerate(self.prompt_ids)]
-        except EngineNotReadyError:
-            raise APIError(503, "the engine is not ready",
-                           type="service_unavailable_error") from None
+        return [ctx.submit(f"{self.id}-{i}", ids, self.params)
+                for i, ids in enumerate(self.prompt_ids)]
 
     def usage(self) -> dict:
         return usage(sum(len(p) for p in self.prompt_ids),

@@ -1,6 +1,7 @@
-"""The engine client of the async API: per-request asyncio queues, token ids in and out, abort
+"""The engine clients of the async API: per-request asyncio queues, token ids in and out, abort
 on disconnect. The engine loop never runs on the event loop's thread: `ThreadEngineClient` runs
-it in a thread of this process, `ProcessEngineClient` in a process of its own."""
+it in a thread of this process, `ProcessEngineClient` in a process of its own. Both implement
+`EngineClient` (protocol.py)."""
 
 from __future__ import annotations
 
@@ -11,61 +12,54 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 from server.config import LOG_FORMAT, EngineConfig
-from server.engine.core import EngineCore, EngineStats
 from server.engine.engine_loop import (
     AbortCommand,
     AddCommand,
     Command,
+    CoreLike,
     StepReport,
     StopCommand,
     run_engine_loop,
 )
-from server.engine.sampling_params import SamplingParams
-from server.engine.tokenizer import load_tokenizer
-from server.scheduler.output import EngineCoreOutput
+from server.engine.protocol import (
+    EngineDeadError,
+    EngineNotReadyError,
+    ModelInfo,
+    StepListener,
+)
+from server.outputs import EngineCoreOutput, EngineStats
+from server.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 ENGINE_MODES = ("thread", "process")
 
-
-class EngineNotReadyError(RuntimeError):
-    pass
-
-
-class EngineDeadError(RuntimeError):
-    pass
-
-
-StepListener = Callable[[list[EngineCoreOutput], EngineStats, float], None]
+_Item = tuple[str, EngineCoreOutput | BaseException]
 
 
 class AsyncEngineClient:
     """The API side. Subclasses start the engine loop somewhere and feed `_on_report`;
-    `ready` turns true once the model is loaded (`error` holds why it never will)."""
+    `model_info` is set once the model is loaded (`error` holds why it never will)."""
 
-    def __init__(self, config: EngineConfig, step_listener: StepListener | None = None) -> None:
-        self.config = config
-        self.tokenizer = None
-        self.ready = False
+    def __init__(self) -> None:
+        self.model_info: ModelInfo | None = None
         self.error: BaseException | None = None
-        self.max_model_len = 0
-        self.vocab_size = 0
-        self._step_listener = step_listener
+        self._step_listener: StepListener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._stats: EngineStats | None = None
-        # Written by the event loop / the engine side respectively: their difference is the
-        # adds still on their way into the engine.
+        # Both counted on the event loop's thread: their difference is the adds still on their
+        # way into the engine.
         self._num_adds_submitted = 0
         self._num_adds_applied = 0
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop,
+              step_listener: StepListener | None = None) -> None:
         self._loop = loop
+        self._step_listener = step_listener
         self._start()
 
     def _start(self) -> None:
@@ -86,20 +80,13 @@ class AsyncEngineClient:
 
     @property
     def num_waiting(self) -> int:
-        """Requests not yet running, including those not yet handed to the engine."""
         stats = self._stats
         pending = self._num_adds_submitted - self._num_adds_applied
         return (stats.num_waiting if stats else 0) + pending
 
-    def _loaded(self, model_dir: Path, max_model_len: int, vocab_size: int) -> None:
-        self.tokenizer = load_tokenizer(model_dir)
-        self.max_model_len, self.vocab_size = max_model_len, vocab_size
-        self.ready = True
-
     # ------------------------------------------------------------------ event loop side
     def generate(self, request_id: str, prompt_token_ids: list[int],
                  params: SamplingParams) -> RequestStream:
-        """Submit a request; iterate the returned stream for its outputs."""
         if not self.alive:
             raise EngineNotReadyError("the engine is not ready")
         if request_id in self._queues:
@@ -116,7 +103,11 @@ class AsyncEngineClient:
     def _release(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
 
-    def _deliver(self, items: list[tuple[str, EngineCoreOutput | BaseException]]) -> None:
+    def _apply_report(self, report: StepReport, items: list[_Item]) -> None:
+        self._stats = report.stats
+        self._num_adds_applied = report.num_adds_applied
+        if self._step_listener is not None:
+            self._step_listener(report.outputs, report.stats)
         for request_id, item in items:
             queue = self._queues.get(request_id)
             if queue is not None:
@@ -124,17 +115,13 @@ class AsyncEngineClient:
 
     # ------------------------------------------------------------------ engine side
     def _on_report(self, report: StepReport) -> None:
-        """Called from the engine thread (or the process's reader thread)."""
-        self._stats = report.stats
-        self._num_adds_applied = report.num_adds_applied
-        if self._step_listener is not None:
-            self._step_listener(report.outputs, report.stats, report.step_time)
-        items: list[tuple[str, EngineCoreOutput | BaseException]] = [
-            (o.request_id, o) for o in report.outputs]
+        """Called from the engine thread (or the process's reader thread): hands the report to
+        the event loop."""
+        items: list[_Item] = [(o.request_id, o) for o in report.outputs]
         items += [(r, ValueError(m)) for r, m in report.failed]
         items += [(r, EngineDeadError(m)) for r, m in report.crashed]
-        if items and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._deliver, items)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._apply_report, report, items)
 
 
 class RequestStream:
@@ -179,10 +166,11 @@ class RequestStream:
 
 
 class ThreadEngineClient(AsyncEngineClient):
-    """The engine loop in a thread of this process."""
+    """The engine loop in a thread of this process, over the core `make_core` builds there."""
 
-    def __init__(self, config: EngineConfig, step_listener: StepListener | None = None) -> None:
-        super().__init__(config, step_listener)
+    def __init__(self, make_core: Callable[[], CoreLike]) -> None:
+        super().__init__()
+        self._make_core = make_core
         self._commands: deque[Command] = deque()
         self._wakeup = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -197,7 +185,7 @@ class ThreadEngineClient(AsyncEngineClient):
 
     @property
     def alive(self) -> bool:
-        return self.ready and self._thread.is_alive()
+        return self.model_info is not None and self._thread.is_alive()
 
     def _submit(self, command: Command) -> None:
         self._commands.append(command)
@@ -214,27 +202,32 @@ class ThreadEngineClient(AsyncEngineClient):
 
     def _run(self) -> None:
         try:
-            engine = EngineCore(self.config)
-            self._loaded(engine.model_dir, engine.max_model_len, engine.arch.vocab_size)
+            engine = self._make_core()
             self._stats = engine.stats()
+            self.model_info = engine.model_info()
         except BaseException as e:  # reported through `error` and /health
             logger.error("engine start-up failed: %s", e)
             self.error = e
             return
-        run_engine_loop(engine, self._receive, self._on_report)
+        try:
+            run_engine_loop(engine, self._receive, self._on_report)
+        except BaseException as e:  # the loop itself broke: /health turns 503
+            logger.exception("the engine loop died")
+            self.error = e
 
 
 def _engine_process_main(config: EngineConfig, conn, log_level: int) -> None:
     """Entry point of the engine process: load, report, then serve commands over `conn`.
     Logs at the parent's level (a spawned process starts with logging unconfigured)."""
+    from server.engine.core import EngineCore
+
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     try:
         engine = EngineCore(config)
     except BaseException as e:  # noqa: BLE001 - sent to the parent, which reports it
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", (str(engine.model_dir), engine.max_model_len, engine.arch.vocab_size,
-                         engine.stats())))
+    conn.send(("ready", (engine.model_info(), engine.stats())))
 
     def receive(block: bool) -> list[Command]:
         commands = []
@@ -250,8 +243,8 @@ def _engine_process_main(config: EngineConfig, conn, log_level: int) -> None:
 class ProcessEngineClient(AsyncEngineClient):
     """The engine loop in a process of its own; commands and reports travel over a pipe."""
 
-    def __init__(self, config: EngineConfig, step_listener: StepListener | None = None) -> None:
-        super().__init__(config, step_listener)
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__()
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(target=_engine_process_main,
@@ -276,7 +269,7 @@ class ProcessEngineClient(AsyncEngineClient):
 
     @property
     def alive(self) -> bool:
-        return self.ready and self._process.is_alive()
+        return self.model_info is not None and self._process.is_alive()
 
     def _submit(self, command: Command) -> None:
         with self._send_lock:
@@ -287,9 +280,7 @@ class ProcessEngineClient(AsyncEngineClient):
             kind, payload = self._conn.recv()
             if kind == "error":
                 raise RuntimeError(payload)
-            model_dir, max_model_len, vocab_size, stats = payload
-            self._stats = stats
-            self._loaded(Path(model_dir), max_model_len, vocab_size)
+            self.model_info, self._stats = payload
             while True:
                 kind, report = self._conn.recv()
                 self._on_report(report)
@@ -300,9 +291,16 @@ class ProcessEngineClient(AsyncEngineClient):
             self.error = e
 
 
-def make_engine_client(config: EngineConfig, mode: str = "thread",
-                       step_listener: StepListener | None = None) -> AsyncEngineClient:
+def make_engine_client(config: EngineConfig, mode: str = "thread") -> AsyncEngineClient:
+    """The real engine, its loop in a thread or a process of its own."""
     if mode not in ENGINE_MODES:
         raise ValueError(f"engine mode must be one of {', '.join(ENGINE_MODES)}, got {mode!r}")
-    cls = ThreadEngineClient if mode == "thread" else ProcessEngineClient
-    return cls(config, step_listener)
+    if mode == "process":
+        return ProcessEngineClient(config)
+
+    def make_core() -> CoreLike:
+        from server.engine.core import EngineCore
+
+        return EngineCore(config)
+
+    return ThreadEngineClient(make_core)

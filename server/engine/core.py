@@ -7,14 +7,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from server.config import EngineConfig
-from server.engine.request import Request, RequestStatus
-from server.engine.sampling_params import SamplingParams
+from server.engine.protocol import ModelInfo
 from server.kv_cache.manager import KVCacheManager
 from server.model_runner.runner import ModelRunner
 from server.models.arch_config import ArchConfig
 from server.models.errors import ModelLoadError
 from server.models.loader import read_generation_defaults
-from server.scheduler.output import EngineCoreOutput
+from server.outputs import EngineCoreOutput, EngineStats
+from server.request import Request, RequestStatus
+from server.sampling_params import SamplingParams
 from server.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -26,16 +27,6 @@ class _Parent:
 
     child_ids: list[str]
     held: list[Request]  # children waiting for the first child's prefill, to share its blocks
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
 
 
 class EngineCore:
@@ -89,7 +80,6 @@ class EngineCore:
                 params = replace(params, seed=params.seed + index)
             children.append(Request(child_id, prompt_token_ids, params,
                                     eos_token_ids=self.generation.eos_token_ids,
-                                    block_size=self.config.cache.block_size,
                                     max_tokens=max_tokens, arrival_time=arrival_time))
             self._child_to_parent[child_id] = (request_id, index)
         self._parents[request_id] = _Parent(child_ids, children[1:])
@@ -144,6 +134,9 @@ class EngineCore:
         parent = self._parents[request_id]
         if not any(c in self._child_to_parent for c in parent.child_ids):
             del self._parents[request_id]
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(self.model_dir, self.max_model_len, self.arch.vocab_size)
 
     def stats(self) -> EngineStats:
         return EngineStats(

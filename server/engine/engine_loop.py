@@ -8,12 +8,33 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from server.engine.core import EngineCore, EngineStats
-from server.engine.sampling_params import SamplingParams
-from server.scheduler.output import EngineCoreOutput
+from server.engine.protocol import ModelInfo
+from server.outputs import EngineCoreOutput, EngineStats
+from server.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+class CoreLike(Protocol):
+    """What the loop drives: EngineCore, or the fake engine's core."""
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    sampling_params: SamplingParams,
+                    arrival_time: float | None = None) -> None: ...
+
+    def abort_request(self, request_id: str, index: int | None = None) -> None: ...
+
+    def step(self) -> list[EngineCoreOutput]: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def unfinished_request_ids(self) -> list[str]: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def model_info(self) -> ModelInfo: ...
 
 
 @dataclass(slots=True)
@@ -50,7 +71,7 @@ class StepReport:
     crashed: list[tuple[str, str]] = field(default_factory=list)  # requests failed by a bug
 
 
-def run_engine_loop(engine: EngineCore, receive: Callable[[bool], list[Command]],
+def run_engine_loop(engine: CoreLike, receive: Callable[[bool], list[Command]],
                     emit: Callable[[StepReport], None]) -> None:
     """`receive(block)` returns the commands that arrived (waiting for one when `block`);
     `emit` ships a report. Returns after a StopCommand."""

@@ -9,9 +9,9 @@ from tqdm import tqdm
 
 from server.config import EngineConfig
 from server.engine.core import EngineCore
-from server.engine.outputs import CompletionOutput, RequestOutput
-from server.engine.sampling_params import SamplingParams
 from server.engine.tokenizer import load_tokenizer
+from server.outputs import CompletionOutput, RequestOutput
+from server.sampling_params import SamplingParams
 
 PromptType = str | Sequence[int] | dict
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.engine.request import Request
+from server.kv_cache.block_hash import extend_block_hashes
 from server.kv_cache.block_pool import BlockPool, KVCacheBlock
+from server.request import Request
 
 
 def cdiv(a: int, b: int) -> int:
@@ -55,6 +56,7 @@ class KVCacheManager:
         if not self.enable_caching:
             return NO_COMPUTED_BLOCKS
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
         blocks: list[KVCacheBlock] = []
         for block_hash in request.block_hashes[:max_hit_blocks]:
             block = self.pool.get_cached_block(block_hash)
@@ -106,6 +108,7 @@ class KVCacheManager:
         self, request: Request, req_blocks: list[KVCacheBlock], num_tokens: int
     ) -> None:
         start = self.num_cached_blocks.get(request.request_id, 0)
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
         end = min(num_tokens // self.block_size, len(request.block_hashes))
         for i in range(start, end):
             self.pool.cache_full_block(req_blocks[i], request.block_hashes[i])

@@ -19,7 +19,8 @@ from server.models.errors import ModelLoadError
 from server.models.layers.linear import SMALL_ROWS, Linear, pack_linear_weights
 from server.models.llama import COMPILED_DECODE_ROWS, use_compiled_decode, use_fused_cpu_ops
 from server.models.loader import load_model, resolve_dtype
-from server.scheduler.output import SampleResult, SchedulerOutput
+from server.outputs import SampleResult
+from server.scheduler.output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 

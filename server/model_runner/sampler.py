@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.request import Request
-from server.scheduler.output import SampleResult
+from server.outputs import SampleResult
+from server.request import Request
 
 
 @dataclass(slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.engine.request import Request
+from server.request import Request
 
 
 @dataclass(slots=True)
@@ -31,28 +31,3 @@ class SchedulerOutput:
     @property
     def empty(self) -> bool:
         return not self.scheduled
-
-
-@dataclass(slots=True)
-class SampleResult:
-    """The model runner's answer for one request that sampled this step."""
-
-    token_id: int
-    logprob: float | None = None  # the sampled token's logprob, when logprobs were asked for
-    top_logprobs: dict[int, float] | None = None  # top-N token id -> logprob
-
-
-@dataclass(slots=True)
-class EngineCoreOutput:
-    request_id: str
-    new_token_ids: list[int]
-    index: int = 0  # which of the request's n completions
-    new_logprobs: list[SampleResult] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: int | None = None  # the stop token id that ended the request, if any
-    num_cached_tokens: int = 0
-    queue_time: float | None = None  # seconds from arrival to first scheduling, on the first token
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None

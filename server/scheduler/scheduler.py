@@ -8,14 +8,10 @@ from collections import deque
 from collections.abc import Iterable
 
 from server.config import SchedulerConfig
-from server.engine.request import Request, RequestStatus
 from server.kv_cache.manager import NO_COMPUTED_BLOCKS, KVCacheManager
-from server.scheduler.output import (
-    EngineCoreOutput,
-    SampleResult,
-    ScheduledRequest,
-    SchedulerOutput,
-)
+from server.outputs import EngineCoreOutput, SampleResult
+from server.request import Request, RequestStatus
+from server.scheduler.output import ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ import httpx
 import pytest
 
 from server.assets import BUNDLED_MODEL_DIR
+from tests.http_client import ServerClient, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KV_CACHE_BYTES = "50000000"
@@ -46,74 +46,13 @@ MAX_BODY_BYTES = 4096
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
-ERROR_KEYS = {"message", "type", "param", "code"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def parse_prometheus(text: str) -> dict[str, float]:
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        name, brace, labels = key.partition("{")
-        if brace:  # labels in sorted order, so tests need not know the exporter's order
-            pairs = re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels)
-            key = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(pairs)) + "}"
-        samples[key] = float(value)
-        samples.setdefault(name, float(value))
-    return samples
-
-
-def parse_sse(raw: str) -> list[dict]:
-    """Check OpenAI's SSE framing (`data: {json}\\n\\n` events, ending with `data: [DONE]`) and
-    return the JSON payloads before [DONE]."""
-    assert raw.endswith("data: [DONE]\n\n"), f"stream does not end with [DONE]: {raw[-300:]!r}"
-    events = raw[:-len("\n\n")].split("\n\n")
-    assert events[-1] == "data: [DONE]"
-    chunks = []
-    for event in events[:-1]:
-        assert event.startswith("data: "), f"bad SSE event {event!r}"
-        assert "\n" not in event, f"multi-line SSE event {event!r}"
-        payload = event[len("data: "):]
-        assert payload != "[DONE]", "[DONE] before the end of the stream"
-        chunks.append(json.loads(payload))
-    return chunks
-
-
-def assert_error(response: httpx.Response, status: int, param: str | None = None,
-                 code: str | None = None, type: str | None = None,
-                 check_param: bool = True) -> dict:
-    """The response is `status` with exactly OpenAI's envelope; returns the inner error."""
-    assert response.status_code == status, (response.status_code, response.text)
-    assert response.headers.get("content-type", "").startswith("application/json"), \
-        response.headers
-    body = response.json()
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    assert "detail" not in body
-    error = body["error"]
-    assert set(error) == ERROR_KEYS, error
-    assert isinstance(error["message"], str) and error["message"], error
-    assert isinstance(error["type"], str) and error["type"], error
-    if check_param:
-        assert error["param"] == param, error
-    if code is not None:
-        assert error["code"] == code, error
-    if type is not None:
-        assert error["type"] == type, error
-    return error
 
 
 class ServerError(RuntimeError):
     pass
 
 
-class Server:
+class Server(ServerClient):
     """One `python -m server serve` subprocess and what the tests do with it."""
 
     def __init__(self, name: str, args: list[str], log_path: Path,
@@ -131,14 +70,6 @@ class Server:
         self.health_statuses: list[int] = []  # what /health answered while starting
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
     def start(self) -> Server:
         cmd = [sys.executable, "-m", "server", "serve", *self.args, "--port", str(self.port),
                "--kv-cache-memory", KV_CACHE_BYTES, "--log-level", "info"]
@@ -189,114 +120,6 @@ class Server:
 
     def log_tail(self, lines: int = 80) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
-
-    # ------------------------------------------------------------------ clients
-    def client(self, **kwargs: Any) -> httpx.Client:
-        kwargs.setdefault("timeout", 60.0)
-        headers = {**self.headers, **kwargs.pop("headers", {})}
-        return httpx.Client(base_url=self.base_url, headers=headers, **kwargs)
-
-    def async_client(self, **kwargs: Any) -> httpx.AsyncClient:
-        kwargs.setdefault("timeout", 60.0)
-        headers = {**self.headers, **kwargs.pop("headers", {})}
-        return httpx.AsyncClient(base_url=self.base_url, headers=headers, **kwargs)
-
-    def openai(self, **kwargs: Any):
-        from openai import OpenAI
-
-        kwargs.setdefault("api_key", self.api_key or "x")
-        kwargs.setdefault("timeout", 60.0)
-        return OpenAI(base_url=f"{self.base_url}/v1", max_retries=0, **kwargs)
-
-    def async_openai(self, **kwargs: Any):
-        from openai import AsyncOpenAI
-
-        kwargs.setdefault("api_key", self.api_key or "x")
-        kwargs.setdefault("timeout", 60.0)
-        return AsyncOpenAI(base_url=f"{self.base_url}/v1", max_retries=0, **kwargs)
-
-    # ------------------------------------------------------------------ requests
-    def post(self, path: str, body: Any = None, **kwargs: Any) -> httpx.Response:
-        with self.client() as c:
-            if body is not None:
-                kwargs["json"] = body
-            return c.post(path, **kwargs)
-
-    def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        with self.client() as c:
-            return c.get(path, **kwargs)
-
-    def complete(self, **body: Any) -> dict:
-        """POST /v1/completions; asserts 200 and returns the JSON."""
-        body.setdefault("model", self.model_name)
-        r = self.post("/v1/completions", body)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def chat(self, **body: Any) -> dict:
-        body.setdefault("model", self.model_name)
-        r = self.post("/v1/chat/completions", body)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def stream(self, path: str, body: dict) -> tuple[list[dict], str]:
-        """POST a streaming request; return the JSON chunks and the raw body (checked framing)."""
-        body = {"model": self.model_name, **body, "stream": True}
-        with self.client() as c, c.stream("POST", path, json=body) as r:
-            assert r.status_code == 200, r.read().decode()
-            assert r.headers["content-type"].startswith("text/event-stream")
-            raw = r.read().decode()
-        return self.parse_sse(raw), raw
-
-    def tokenize(self, prompt: str | None = None, messages: list | None = None) -> dict:
-        body: dict[str, Any] = {"model": self.model_name}
-        if prompt is not None:
-            body["prompt"] = prompt
-        if messages is not None:
-            body["messages"] = messages
-        r = self.post("/tokenize", body)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def metrics(self) -> dict[str, float]:
-        """Prometheus samples by 'name{labels}' with the labels sorted by name (and by bare
-        name for the first sample of each name)."""
-        r = self.get("/metrics")
-        assert r.status_code == 200, r.text
-        return parse_prometheus(r.text)
-
-    def wait_idle(self, timeout: float = 10.0) -> dict[str, float]:
-        """Poll /metrics until no request runs or waits and no KV block is in use."""
-        deadline = time.monotonic() + timeout
-        samples: dict[str, float] = {}
-        while time.monotonic() < deadline:
-            samples = self.metrics()
-            if (samples.get("pagedserve:num_requests_running") == 0
-                    and samples.get("pagedserve:num_requests_waiting") == 0
-                    and samples.get("pagedserve:kv_cache_usage_perc") == 0):
-                return samples
-            time.sleep(0.05)
-        running = {k: v for k, v in samples.items()
-                   if k.split("{")[0] in ("pagedserve:num_requests_running",
-                                          "pagedserve:num_requests_waiting",
-                                          "pagedserve:kv_cache_usage_perc")}
-        raise AssertionError(f"server {self.name} still busy after {timeout} s: {running}")
-
-    def wait_metric(self, name: str, predicate, timeout: float = 10.0) -> float:
-        deadline = time.monotonic() + timeout
-        value = None
-        while time.monotonic() < deadline:
-            value = self.metrics().get(name)
-            if value is not None and predicate(value):
-                return value
-            time.sleep(0.02)
-        raise AssertionError(f"{name} = {value} did not reach the expected value in {timeout} s")
-
-    # ------------------------------------------------------------------ checks
-    parse_sse = staticmethod(parse_sse)
-    assert_error = staticmethod(assert_error)
-    parse_prometheus = staticmethod(parse_prometheus)
-
 
 # ---------------------------------------------------------------------- fixtures
 _STARTED: dict[str, Server] = {}

@@ -10,15 +10,16 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from server.engine.request import Request
-from server.engine.sampling_params import SamplingParams
+from server.kv_cache.block_hash import extend_block_hashes
 from server.kv_cache.manager import NO_COMPUTED_BLOCKS, ComputedBlocks, KVCacheManager, cdiv
+from server.request import Request
+from server.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
 
 
 def make_request(request_id: str, prompt_token_ids: list[int]) -> Request:
-    return Request(request_id, prompt_token_ids, SamplingParams(), block_size=BLOCK_SIZE)
+    return Request(request_id, prompt_token_ids, SamplingParams())
 
 
 def admit(manager: KVCacheManager, request: Request, num_new_tokens: int | None = None,
@@ -443,7 +444,7 @@ def test_scheduler_admission_with_a_prefix_hit_allocates_exactly() -> None:
     prefix hit of H tokens and a chunk of C gets cdiv(H + C, block_size) blocks, and only blocks
     full of computed tokens enter the prefix cache."""
     from server.config import SchedulerConfig
-    from server.engine.request import RequestStatus
+    from server.request import RequestStatus
     from server.scheduler.scheduler import Scheduler
 
     manager = KVCacheManager(num_blocks=32, block_size=BLOCK_SIZE)
@@ -508,6 +509,8 @@ class KVCacheMachine(RuleBasedStateMachine):
         self.record_hashes(request)
 
     def record_hashes(self, request: Request) -> None:
+        # The hashes as the manager computes them (it extends the request's list on use).
+        extend_block_hashes(request.block_hashes, request.all_token_ids, BLOCK_SIZE)
         assert len(request.block_hashes) == request.num_tokens // BLOCK_SIZE
         for i, block_hash in enumerate(request.block_hashes):
             tokens = tuple(request.all_token_ids[:(i + 1) * BLOCK_SIZE])

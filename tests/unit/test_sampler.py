@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from server.engine.request import Request
-from server.engine.sampling_params import SamplingParams
 from server.model_runner.sampler import Sampler, SamplingRow
-from server.scheduler.output import SampleResult
+from server.outputs import SampleResult
+from server.request import Request
+from server.sampling_params import SamplingParams
 
 V = 16  # default vocab size for these tests
 
@@ -25,8 +25,7 @@ V = 16  # default vocab size for these tests
 
 
 def make_request(prompt=(0,), outputs=(), eos=(), **params) -> Request:
-    request = Request("r", list(prompt), SamplingParams(**params), eos_token_ids=eos,
-                      block_size=4)
+    request = Request("r", list(prompt), SamplingParams(**params), eos_token_ids=eos)
     for t in outputs:
         request.append_output_token(t)
     return request

@@ -16,10 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.config import SchedulerConfig
-from server.engine.request import Request, RequestStatus
-from server.engine.sampling_params import SamplingParams
 from server.kv_cache.manager import KVCacheManager
-from server.scheduler.output import EngineCoreOutput, SampleResult, SchedulerOutput
+from server.outputs import EngineCoreOutput, SampleResult
+from server.request import Request, RequestStatus
+from server.sampling_params import SamplingParams
+from server.scheduler.output import SchedulerOutput
 from server.scheduler.scheduler import Scheduler
 
 BS = 4  # block_size
@@ -47,7 +48,7 @@ def req(rid: str, prompt: int | list[int], max_tokens: int | None = 16, eos=(),
         **params) -> Request:
     tokens = list(range(1, prompt + 1)) if isinstance(prompt, int) else list(prompt)
     sp = SamplingParams(max_tokens=max_tokens, **params)
-    return Request(rid, tokens, sp, eos_token_ids=eos, block_size=BS, max_tokens=max_tokens)
+    return Request(rid, tokens, sp, eos_token_ids=eos, max_tokens=max_tokens)
 
 
 def counting(r: Request) -> int:

@@ -6,8 +6,7 @@ import enum
 import time
 from collections.abc import Sequence
 
-from server.engine.sampling_params import SamplingParams
-from server.kv_cache.block_hash import BlockHash, extend_block_hashes
+from server.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -27,7 +26,7 @@ class RequestStatus(enum.Enum):
 class Request:
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "eos_token_ids",
                  "all_token_ids", "num_computed_tokens", "num_cached_tokens", "status",
-                 "block_hashes", "block_size", "arrival_time", "num_preemptions",
+                 "block_hashes", "arrival_time", "num_preemptions",
                  "max_tokens", "stop_reason", "first_scheduled_time")
 
     def __init__(
@@ -36,7 +35,6 @@ class Request:
         prompt_token_ids: Sequence[int],
         sampling_params: SamplingParams,
         eos_token_ids: Sequence[int] = (),
-        block_size: int = 16,
         max_tokens: int | None = None,
         arrival_time: float | None = None,
     ) -> None:
@@ -52,9 +50,9 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # set once, when first scheduled
         self.status = RequestStatus.WAITING
-        self.block_size = block_size
-        self.block_hashes: list[BlockHash] = []
-        extend_block_hashes(self.block_hashes, self.all_token_ids, block_size)
+        # Hashes of the full blocks of all_token_ids, a prefix of them: the KV-cache manager
+        # extends the list when it needs the hashes.
+        self.block_hashes: list[bytes] = []
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.num_preemptions = 0
         self.stop_reason: int | None = None
@@ -78,7 +76,6 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
-        extend_block_hashes(self.block_hashes, self.all_token_ids, self.block_size)
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, tokens={self.num_tokens}, "

@@ -1,0 +1,201 @@
+"""A scriptable fake engine for API tests: the real client and engine loop over a core with no
+model and no torch. Its tokens are deterministic (by default the prompt, repeated), and tests
+decide how long a request lasts: `pause()` holds every step from the next one on until
+`resume()`, `allow(k)` lets k more steps run first, `step_delay` sleeps in each step, and
+`fail_when` makes a step raise. Tests wait on its state (`wait_for`), never on the clock."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.assets import BUNDLED_MODEL_DIR
+from server.engine.async_client import ThreadEngineClient
+from server.engine.protocol import ModelInfo
+from server.outputs import EngineCoreOutput, EngineStats, SampleResult
+from server.sampling_params import SamplingParams
+
+# (prompt token ids, number of tokens generated so far) -> the next token id
+TokenFn = Callable[[Sequence[int], int], int]
+
+
+def repeat_prompt(prompt_token_ids: Sequence[int], num_generated: int) -> int:
+    return prompt_token_ids[num_generated % len(prompt_token_ids)]
+
+
+@dataclass(slots=True)
+class _Sequence:
+    request_id: str
+    index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    arrival_time: float
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+class FakeEngineCore:
+    """Stands in for EngineCore: same calls, same validation, no model."""
+
+    def __init__(self, model_dir: Path = BUNDLED_MODEL_DIR, max_model_len: int = 512,
+                 vocab_size: int = 512, max_num_seqs: int = 256,
+                 eos_token_ids: Sequence[int] = (), token_fn: TokenFn = repeat_prompt,
+                 step_delay: float = 0.0,
+                 fail_when: Callable[[Sequence[int]], bool] | None = None) -> None:
+        self.model_dir, self.max_model_len, self.vocab_size = model_dir, max_model_len, vocab_size
+        self.max_num_seqs = max_num_seqs
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.token_fn, self.step_delay, self.fail_when = token_fn, step_delay, fail_when
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []
+        self.num_steps = 0
+        self.added: list[str] = []
+        self.aborted: list[tuple[str, int | None]] = []
+        self._changed = threading.Condition()
+        self._steps_allowed: int | None = None  # None: no limit
+        self._poked = False
+
+    # ------------------------------------------------------------------ test controls
+    def pause(self) -> None:
+        """Hold every step from the next one on until `resume()` or `allow()`."""
+        with self._changed:
+            self._steps_allowed = 0
+
+    def allow(self, num_steps: int) -> None:
+        """Let `num_steps` more steps run, then hold again."""
+        with self._changed:
+            self._steps_allowed = (self._steps_allowed or 0) + num_steps
+            self._changed.notify_all()
+
+    def resume(self) -> None:
+        with self._changed:
+            self._steps_allowed = None
+            self._changed.notify_all()
+
+    def poke(self) -> None:
+        """A command arrived: a held step returns (empty) so that the loop applies it."""
+        with self._changed:
+            self._poked = True
+            self._changed.notify_all()
+
+    def _wait_for_go(self) -> bool:
+        """Whether this step may run; False when a poke ended the wait first."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._steps_allowed != 0 or self._poked)
+            self._poked = False
+            if self._steps_allowed == 0:
+                return False
+            if self._steps_allowed is not None:
+                self._steps_allowed -= 1
+            return True
+
+    def wait_for(self, predicate: Callable[[FakeEngineCore], bool],
+                 timeout: float = 30.0) -> None:
+        """Block until `predicate(self)` holds after some change of state (a safety timeout
+        only: the predicate is expected to come true)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: predicate(self), timeout):
+                raise TimeoutError("the fake engine never reached the awaited state")
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    # ------------------------------------------------------------------ the core's calls
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(self.model_dir, self.max_model_len, self.vocab_size)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    sampling_params: SamplingParams, arrival_time: float | None = None) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt must contain at least one token")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is out of range for a vocabulary of "
+                             f"{self.vocab_size}")
+        if request_id in self.unfinished_request_ids():
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        room = self.max_model_len - len(prompt_token_ids)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; max_model_len="
+                             f"{self.max_model_len} leaves no room for output")
+        max_tokens = min(sampling_params.max_tokens or room, room)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        for index in range(sampling_params.n):
+            self.waiting.append(_Sequence(request_id, index, list(prompt_token_ids),
+                                          sampling_params, max_tokens, arrival))
+        self.added.append(request_id)
+        self._notify()
+
+    def abort_request(self, request_id: str, index: int | None = None) -> None:
+        def keep(s: _Sequence) -> bool:
+            return s.request_id != request_id or (index is not None and s.index != index)
+
+        self.waiting = deque(s for s in self.waiting if keep(s))
+        self.running = [s for s in self.running if keep(s)]
+        self.aborted.append((request_id, index))
+        self._notify()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(dict.fromkeys(s.request_id for s in (*self.running, *self.waiting)))
+
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=len(self.running), num_waiting=len(self.waiting),
+                           kv_cache_usage=len(self.running) / self.max_num_seqs,
+                           prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0)
+
+    def step(self) -> list[EngineCoreOutput]:
+        if not self._wait_for_go():
+            return []
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            self.running.append(self.waiting.popleft())
+        if self.fail_when is not None and any(self.fail_when(s.prompt_token_ids)
+                                              for s in self.running):
+            raise RuntimeError("the fake engine was told to fail this step")
+        outputs = [self._advance(s) for s in self.running]
+        self.running = [s for s, out in zip(self.running, outputs) if not out.finished]
+        self.num_steps += 1
+        self._notify()
+        return outputs
+
+    def _advance(self, seq: _Sequence) -> EngineCoreOutput:
+        token_id = self.token_fn(seq.prompt_token_ids, len(seq.output_token_ids))
+        seq.output_token_ids.append(token_id)
+        params, num_out = seq.params, len(seq.output_token_ids)
+        finish, stop_reason = None, None
+        if num_out >= params.min_tokens and not params.ignore_eos \
+                and token_id in self.eos_token_ids:
+            finish = "stop"
+        elif num_out >= params.min_tokens and token_id in params.stop_token_ids:
+            finish, stop_reason = "stop", token_id
+        elif num_out >= seq.max_tokens:
+            finish = "length"
+        logprobs = []
+        if params.logprobs is not None:
+            top = {(token_id + k) % self.vocab_size: -1.0 - k for k in range(params.logprobs)}
+            logprobs = [SampleResult(token_id, -1.0, top or None)]
+        return EngineCoreOutput(seq.request_id, [token_id], index=seq.index,
+                                new_logprobs=logprobs, finish_reason=finish,
+                                stop_reason=stop_reason,
+                                queue_time=0.0 if num_out == 1 else None)
+
+
+class FakeEngineClient(ThreadEngineClient):
+    """The real thread client and engine loop over a `FakeEngineCore`."""
+
+    def __init__(self, core: FakeEngineCore) -> None:
+        super().__init__(lambda: core)
+        self.core = core
+
+    def _submit(self, command) -> None:
+        super()._submit(command)
+        self.core.poke()

@@ -1,0 +1,72 @@
+"""What comes out of the engine: per-step outputs (token ids, logprobs, finish) and stats, which
+the engine produces and the API and the offline `LLM` read, and the offline `LLM`'s results
+(vLLM's names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class SampleResult:
+    """The model runner's answer for one request that sampled this step."""
+
+    token_id: int
+    logprob: float | None = None  # the sampled token's logprob, when logprobs were asked for
+    top_logprobs: dict[int, float] | None = None  # top-N token id -> logprob
+
+
+@dataclass(slots=True)
+class EngineCoreOutput:
+    request_id: str
+    new_token_ids: list[int]
+    index: int = 0  # which of the request's n completions
+    new_logprobs: list[SampleResult] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | None = None  # the stop token id that ended the request, if any
+    num_cached_tokens: int = 0
+    queue_time: float | None = None  # seconds from arrival to first scheduling, on the first token
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    cumulative_logprob: float | None = None
+    # Per generated token: {token_id: logprob} for the sampled token and the top-N.
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outputs)

@@ -1,0 +1,186 @@
+"""Operations over the fake engine, where a request lasts exactly as many steps as the test lets
+run: client disconnects (streaming or not) abort their requests, the waiting-queue limit (429),
+stop strings ending one choice while the others go on."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+from server.engine.fake import FakeEngineCore
+
+PROMPT = "Once upon a time"
+C = "/v1/completions"
+CHAT = "/v1/chat/completions"
+MSGS = [{"role": "user", "content": PROMPT}]
+LONG = {"max_tokens": 400, "ignore_eos": True}
+
+
+def _first_data_line(lines) -> str:
+    for line in lines:
+        if line.startswith("data: "):
+            return line
+    raise AssertionError("the stream ended before its first chunk")
+
+
+def _generated(server) -> float:
+    key = f'pagedserve:generation_tokens_total{{model_name="{server.model_name}"}}'
+    return server.metrics()[key]
+
+
+def _idle(core: FakeEngineCore) -> bool:
+    return not core.has_unfinished_requests()
+
+
+# ---------------------------------------------------------------------- disconnects
+@pytest.mark.parametrize("path,body,num_requests", [
+    (C, {"prompt": PROMPT}, 1),
+    (C, {"prompt": [PROMPT, "The dog"], "n": 2}, 2),
+    (CHAT, {"messages": MSGS}, 1),
+], ids=["completion", "completion-2-prompts-n2", "chat"])
+def test_disconnect_mid_stream_aborts_every_request(fake_server, path, body, num_requests):
+    s, core = fake_server, fake_server.core
+    core.pause()
+    core.allow(3)
+    with s.client() as c:
+        with c.stream("POST", path, json={"model": s.model_name, **body, **LONG,
+                                           "stream": True}) as r:
+            assert r.status_code == 200
+            _first_data_line(r.iter_lines())
+            s.wait_engine(lambda core: core.num_steps == 3)
+        # leaving the block closes the connection mid-stream
+    s.wait_engine(lambda core: _idle(core) and len(core.aborted) >= num_requests)
+    assert {rid for rid, index in core.aborted if index is None} == set(core.added)
+    assert len(core.added) == num_requests
+    s.wait_metric("pagedserve:num_requests_running", lambda v: v == 0)
+
+
+def test_abandoned_non_streaming_request_is_aborted(fake_server):
+    s, core = fake_server, fake_server.core
+    core.pause()
+    core.allow(2)
+    body = {"model": s.model_name, "prompt": PROMPT, "n": 4, **LONG}
+    with s.client(timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
+        c.post(C, json=body)
+    s.wait_engine(lambda core: _idle(core) and core.aborted)
+    assert core.num_steps == 2
+    assert _generated(s) == 4 * 2  # it ran, then stopped with the client
+    core.allow(1)
+    with s.client(timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
+        c.post(CHAT, json={"model": s.model_name, "messages": MSGS, **LONG})
+    s.wait_engine(lambda core: _idle(core) and len(core.aborted) == 2)
+    assert [rid for rid, _ in core.aborted] == core.added
+
+
+def test_abandoned_request_is_not_a_server_error(fake_server, caplog):
+    """A client going away is not an internal error: nothing logged at WARNING or above."""
+    s, core = fake_server, fake_server.core
+    core.pause()
+    caplog.set_level(logging.WARNING)
+    with s.client(timeout=0.1) as c, pytest.raises(httpx.ReadTimeout):
+        c.post(C, json={"model": s.model_name, "prompt": PROMPT, **LONG})
+    s.wait_engine(lambda core: _idle(core) and core.aborted)
+    time.sleep(0.1)  # let the handler's own teardown log, if it would
+    bad = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+# ---------------------------------------------------------------------- 429
+@pytest.fixture()
+def queue_of_one(make_fake_server):
+    """One running sequence and a waiting queue of one."""
+    return make_fake_server(FakeEngineCore(max_num_seqs=1), max_queued_requests=1)
+
+
+def _long_stream(server, path=C) -> dict:
+    body = {"prompt": PROMPT} if path == C else {"messages": MSGS}
+    return {"model": server.model_name, **body, **LONG, "stream": True}
+
+
+def test_full_queue_is_429_with_retry_after(queue_of_one):
+    s, core = queue_of_one, queue_of_one.core
+    core.pause()
+    core.allow(2)  # admits the first request; its text shows from the second token on
+    sdk = s.openai()
+    with s.client() as ca, ca.stream("POST", C, json=_long_stream(s)) as running:
+        assert running.status_code == 200
+        lines = running.iter_lines()  # referenced: a dropped iterator closes the connection
+        _first_data_line(lines)
+        with s.client() as cb, cb.stream("POST", CHAT, json=_long_stream(s, CHAT)) as queued:
+            assert queued.status_code == 200
+            s.wait_engine(lambda core: len(core.running) == 1 and len(core.waiting) == 1)
+
+            r = s.post(C, {"prompt": PROMPT, "max_tokens": 2})
+            error = s.assert_error(r, 429, param=None, type="rate_limit_error")
+            assert r.headers["retry-after"].isdigit(), r.headers
+            assert error["code"] is not None
+            r = s.post(C, {"prompt": PROMPT, "max_tokens": 2, "stream": True})
+            s.assert_error(r, 429, param=None)
+            assert "retry-after" in r.headers
+            r = s.post(CHAT, {"messages": MSGS, "max_tokens": 2})
+            s.assert_error(r, 429, param=None)
+            assert "retry-after" in r.headers
+            with pytest.raises(openai.RateLimitError) as e:
+                sdk.completions.create(model=s.model_name, prompt=PROMPT, max_tokens=2)
+            assert e.value.status_code == 429
+            assert len(core.added) == 2
+        del lines
+    s.wait_engine(_idle)
+    core.resume()
+    out = s.complete(prompt=PROMPT, max_tokens=2)  # room again
+    assert out["usage"]["completion_tokens"] == 2
+
+
+def _status_of_simultaneous_requests(server, path: str, body: dict, count: int) -> list[int]:
+    """Send `count` requests on their own connections so that they complete at the same
+    moment (all but the last byte first, then the last bytes together); return the statuses."""
+    payload = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n")
+    raw = head.encode() + b"\r\n" + payload
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
+             for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.sendall(raw[:-1])
+        for sock in socks:
+            sock.sendall(raw[-1:])
+        return [int(sock.makefile("rb").readline().decode().split()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_queue_limit_holds_for_simultaneous_requests(queue_of_one):
+    """Requests arriving together while the only slot is busy and the queue holds one:
+    exactly one of them is accepted (the check and the admission must not race)."""
+    s, core = queue_of_one, queue_of_one.core
+    core.pause()
+    core.allow(2)
+    with s.client() as ca, ca.stream("POST", C, json=_long_stream(s)) as running:
+        lines = running.iter_lines()
+        _first_data_line(lines)
+        statuses = _status_of_simultaneous_requests(s, C, _long_stream(s), 6)
+        del lines
+    s.wait_engine(_idle)
+    assert sorted(statuses) == [200] + [429] * 5, statuses
+
+
+# ---------------------------------------------------------------------- stop strings
+def test_stop_string_ends_one_choice_and_aborts_it_in_the_engine(fake_server):
+    """The fake repeats the prompt: " Once upon a time Once upon ...". A stop string ends each
+    choice on the API side and aborts that choice's sequence in the engine."""
+    s, core = fake_server, fake_server.core
+    out = s.complete(prompt=PROMPT, max_tokens=30, n=2, stop=[" time"])
+    assert [c["text"] for c in out["choices"]] == [" Once upon a"] * 2
+    assert {c["finish_reason"] for c in out["choices"]} == {"stop"}
+    assert {c["stop_reason"] for c in out["choices"]} == {" time"}
+    s.wait_engine(_idle)
+    assert sorted(index for _, index in core.aborted if index is not None) == [0, 1]
+    assert out["usage"]["completion_tokens"] < 2 * 30

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import signal
 import sys
 
-from server.config import LOG_FORMAT
+from server.config import (
+    ATTENTION_BACKENDS,
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEVICES,
+    DTYPES,
+    ENGINE_MODES,
+    LOG_FORMAT,
+    LOG_LEVELS,
+    CacheConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
 from server.models.errors import ModelLoadError
 
-# `pagedserve bench NAME`: module (with add_arguments(parser) and main(args)), help.
+# `pagedserve bench NAME`: module (with add_arguments(parser) and main(args)), help. A module is
+# imported only when its command is chosen (`_BenchCommandParser`), so `serve` loads none.
 _BENCH_COMMANDS = {
     "serve": ("server.bench.serve", "streaming load against any OpenAI-compatible server"),
     "offline": ("server.bench.offline", "throughput of the offline LLM API (no HTTP)"),
@@ -19,7 +33,7 @@ _BENCH_COMMANDS = {
     "engine-modes": ("server.bench.engine_modes", "the server's engine loop in a thread vs "
                      "in a process, A B A B"),
     "make-model": ("server.bench.make_model", "a reproducible random-weight model directory "
-                   "with a locally trained tokenizer"),
+                   "(SmolLM2-shaped, or the tests' tiny Llama/Qwen/Mistral variants)"),
     "roofline": ("server.bench.roofline", "this machine's matmul rate and memory bandwidth, "
                  "and the workload's ceilings"),
     "kernels": ("server.bench.kernels", "Triton kernel correctness and speed on CUDA"),
@@ -28,11 +42,29 @@ _BENCH_COMMANDS = {
 }
 
 
+# The config fields `add_engine_flags` makes flags of (each flag's dest is the field's name).
+ENGINE_FLAG_FIELDS = ("dtype", "device", "attention_backend", "max_model_len", "block_size",
+                      "kv_cache_memory", "enable_prefix_caching", "max_num_seqs",
+                      "max_num_batched_tokens", "long_prefill_token_threshold")
+# ServerConfig's fields, each a `serve` flag of the same name.
+SERVER_FLAG_FIELDS = tuple(f.name for f in dataclasses.fields(ServerConfig))
+
+
+def default_of(config_class: type, name: str) -> object:
+    """A config field's dataclass default: every flag takes its default from here."""
+    field = next(f for f in dataclasses.fields(config_class) if f.name == name)
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    raise TypeError(f"{config_class.__name__}.{name} has no default")
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per engine config field (server/config.py)."""
-    parser.add_argument("model", nargs="?", default=None,
+    parser.add_argument("model", nargs="?", default=default_of(ModelConfig, "model"),
                         help="Hugging Face model directory (default: the bundled stories260k)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=int, default=default_of(ModelConfig, "seed"),
                         help="seed of the sampler for requests without their own seed")
     add_engine_flags(parser)
 
@@ -40,28 +72,38 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def add_engine_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The engine flags other than the model and the sampler seed, which the offline benchmarks
     take differently (--model; --seed seeds their prompts)."""
-    parser.add_argument("--dtype", default="auto",
-                        choices=["auto", "float32", "float16", "bfloat16"],
+    parser.add_argument("--dtype", default=default_of(ModelConfig, "dtype"), choices=DTYPES,
                         help="weight and activation dtype; auto takes config.json's")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--attention-backend", default="auto",
-                        choices=["auto", "torch", "cpu", "triton"],
+    parser.add_argument("--device", default=default_of(ModelConfig, "device"), choices=DEVICES)
+    parser.add_argument("--attention-backend", default=default_of(ModelConfig, "attention_backend"),
+                        choices=ATTENTION_BACKENDS,
                         help="attention kernels: auto is Triton on CUDA and elsewhere cpu (the "
                              "torch path with a compiled fp32 decode kernel, built on first use "
                              "with the C++ compiler) or, without a compiler, torch")
-    parser.add_argument("--max-model-len", type=int, default=None,
+    parser.add_argument("--max-model-len", type=int,
+                        default=default_of(ModelConfig, "max_model_len"),
                         help="context length cap (default: the model's)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    parser.add_argument("--kv-cache-memory", type=int, default=None,
+    parser.add_argument("--block-size", type=int, default=default_of(CacheConfig, "block_size"),
+                        help="tokens per KV-cache block")
+    parser.add_argument("--kv-cache-memory", type=int,
+                        default=default_of(CacheConfig, "kv_cache_memory"),
                         help="bytes of KV cache (default: 1 GiB on CPU, 85%% of free memory "
                              "on CUDA)")
-    parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
-                        action="store_false", help="turn prefix caching off")
-    parser.add_argument("--max-num-seqs", type=int, default=256,
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=default_of(CacheConfig, "enable_prefix_caching"),
+                        help="reuse the KV blocks of shared prompt prefixes")
+    parser.add_argument("--max-num-seqs", type=int,
+                        default=default_of(SchedulerConfig, "max_num_seqs"),
                         help="most requests running at once")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
-                        help="token budget of one engine step (default: 512 on CPU, 2048 on "
-                             "CUDA)")
+    parser.add_argument("--max-num-batched-tokens", type=int,
+                        default=default_of(SchedulerConfig, "max_num_batched_tokens"),
+                        help="token budget of one engine step (default: "
+                             f"{DEFAULT_MAX_NUM_BATCHED_TOKENS['cpu']} on CPU, "
+                             f"{DEFAULT_MAX_NUM_BATCHED_TOKENS['cuda']} on CUDA)")
+    parser.add_argument("--long-prefill-token-threshold", type=int,
+                        default=default_of(SchedulerConfig, "long_prefill_token_threshold"),
+                        help="largest prefill chunk one request may take in a step (0: no cap "
+                             "beyond the step's token budget)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -70,12 +112,56 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 def engine_flag_kwargs(args: argparse.Namespace) -> dict:
     """The engine arguments `add_engine_flags` parsed."""
-    return dict(dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
-                max_model_len=args.max_model_len, block_size=args.block_size,
-                kv_cache_memory=args.kv_cache_memory,
-                enable_prefix_caching=args.enable_prefix_caching,
-                max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens)
+    return {name: getattr(args, name) for name in ENGINE_FLAG_FIELDS}
+
+
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    """One `serve` flag per ServerConfig field."""
+    parser.add_argument("--host", default=default_of(ServerConfig, "host"),
+                        help="address to bind")
+    parser.add_argument("--port", type=int, default=default_of(ServerConfig, "port"))
+    parser.add_argument("--served-model-name", default=default_of(ServerConfig,
+                                                                  "served_model_name"),
+                        help="model name clients use (default: the model directory's name)")
+    parser.add_argument("--api-key", default=default_of(ServerConfig, "api_key"),
+                        help="require 'Authorization: Bearer KEY' on /v1 and /tokenize routes "
+                             "(also from PAGEDSERVE_API_KEY)")
+    parser.add_argument("--max-queued-requests", type=int,
+                        default=default_of(ServerConfig, "max_queued_requests"),
+                        help="waiting requests beyond which new ones get 429")
+    parser.add_argument("--allowed-origins", nargs="*", metavar="ORIGIN",
+                        default=default_of(ServerConfig, "allowed_origins"),
+                        help="CORS origins allowed to call the API (default: none)")
+    parser.add_argument("--max-request-body-bytes", type=int,
+                        default=default_of(ServerConfig, "max_request_body_bytes"),
+                        help="larger request bodies get 413")
+    parser.add_argument("--shutdown-timeout", type=float,
+                        default=default_of(ServerConfig, "shutdown_timeout"),
+                        help="seconds in-flight requests get to finish after SIGTERM")
+    parser.add_argument("--chat-template", metavar="FILE_OR_JINJA",
+                        default=default_of(ServerConfig, "chat_template"),
+                        help="chat template (a file or the Jinja text) for models without one")
+    parser.add_argument("--engine-mode", default=default_of(ServerConfig, "engine_mode"),
+                        choices=ENGINE_MODES,
+                        help="run the engine loop in a thread of the server process or in a "
+                             "process of its own")
+    _add_log_level(parser)
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default=default_of(ServerConfig, "log_level"),
+                        choices=LOG_LEVELS)
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig `add_server_flags` parsed (the API key also from the environment)."""
+    import os
+
+    values = {name: getattr(args, name) for name in SERVER_FLAG_FIELDS}
+    values["api_key"] = values["api_key"] or os.environ.get("PAGEDSERVE_API_KEY") or None
+    values["allowed_origins"] = tuple(values["allowed_origins"])
+    values["chat_template"] = _read_template(values["chat_template"])
+    return ServerConfig(**values)
 
 
 def _read_template(value: str | None) -> str | None:
@@ -88,29 +174,19 @@ def _read_template(value: str | None) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import os
-
     import uvicorn
 
     from server.api.app import build_app
-    from server.config import EngineConfig, ServerConfig
+    from server.config import EngineConfig
 
     engine_config = EngineConfig.from_kwargs(**engine_kwargs(args))
-    server_config = ServerConfig(
-        host=args.host, port=args.port, served_model_name=args.served_model_name,
-        api_key=args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None,
-        max_queued_requests=args.max_queued_requests,
-        allowed_origins=tuple(args.allowed_origins or ()),
-        max_request_body_bytes=args.max_request_body_bytes, log_level=args.log_level,
-        shutdown_timeout=args.shutdown_timeout, chat_template=_read_template(args.chat_template),
-        engine_mode=args.engine_mode)
-    app = build_app(engine_config, server_config)
+    config = server_config(args)
+    app = build_app(engine_config, config)
     # uvicorn re-raises a caught SIGTERM once its graceful shutdown is done, which kills the
     # process with the signal (exit -15/143); end with status 0 instead.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=server_config.host, port=server_config.port,
-                log_level=server_config.log_level,
-                timeout_graceful_shutdown=int(server_config.shutdown_timeout) or None)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
+                timeout_graceful_shutdown=int(config.shutdown_timeout) or None)
     return 0
 
 
@@ -127,32 +203,39 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _BenchCommandParser(argparse.ArgumentParser):
+    """A `bench NAME` parser that holds only its help until it is used: then it imports its
+    module, which adds the command's flags and its `main`."""
+
+    def __init__(self, *args, module_name: str = "", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._module_name = module_name
+
+    def _load(self) -> None:
+        if not self._module_name:
+            return
+        module = importlib.import_module(self._module_name)
+        self._module_name = ""
+        module.add_arguments(self)
+        self.set_defaults(func=module.main)
+        _add_log_level(self)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._load()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._load()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                            description="Serve a model over the OpenAI-compatible HTTP API.")
     add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None,
-                       help="model name clients use (default: the model directory's name)")
-    serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on /v1 and /tokenize routes "
-                            "(also from PAGEDSERVE_API_KEY)")
-    serve.add_argument("--max-queued-requests", type=int, default=1024,
-                       help="waiting requests beyond which new ones get 429")
-    serve.add_argument("--allowed-origins", nargs="*", default=None, metavar="ORIGIN",
-                       help="CORS origins allowed to call the API (default: none)")
-    serve.add_argument("--max-request-body-bytes", type=int, default=16 << 20,
-                       help="larger request bodies get 413")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
-                       help="seconds in-flight requests get to finish after SIGTERM")
-    serve.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
-                       help="chat template (a file or the Jinja text) for models without one")
-    serve.add_argument("--engine-mode", default="thread", choices=["thread", "process"],
-                       help="run the engine loop in a thread of the server process or in a "
-                            "process of its own")
+    add_server_flags(serve)
     serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate offline from one or more prompts")
     add_engine_args(gen)
@@ -164,19 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.add_argument("--continuation-only", action="store_true",
                      help="print only the generated text, not the prompt")
+    _add_log_level(gen)
     gen.set_defaults(func=_generate)
     bench = sub.add_parser("bench", help="benchmarks (commands, not tests)")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    bench_commands = []
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True,
+                                     parser_class=_BenchCommandParser)
     for name, (module_name, help_text) in _BENCH_COMMANDS.items():
-        command = bench_sub.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(module_name)
-        module.add_arguments(command)
-        command.set_defaults(func=module.main)
-        bench_commands.append(command)
-    for command in (serve, gen, *bench_commands):
-        command.add_argument("--log-level", default="info",
-                             choices=["debug", "info", "warning", "error"])
+        bench_sub.add_parser(name, help=help_text, description=help_text,
+                             module_name=module_name)
     return parser
 
 

@@ -9,8 +9,18 @@ from server.assets import BUNDLED_MODEL_DIR
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the CLI's and the engine process's
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
-_DEVICES = ("auto", "cpu", "cuda")
+# The allowed values of the config fields that take one of a list: the validation below and the
+# CLI's `choices` both read these.
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
+ENGINE_MODES = ("thread", "process")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -26,13 +36,9 @@ class ModelConfig:
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
-        if self.device not in _DEVICES:
-            raise ValueError(f"device must be one of {', '.join(_DEVICES)}, got {self.device!r}")
-        if self.attention_backend not in ("auto", "torch", "cpu", "triton"):
-            raise ValueError("attention_backend must be auto, torch, cpu or triton, got "
-                             f"{self.attention_backend!r}")
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
@@ -53,7 +59,7 @@ class CacheConfig:
 
 # The token budget of a step where none is given, by device type. CPU: a 2048-token step of
 # prompts takes ~1.7 s of 2 cores, which every request arriving meanwhile waits out; 512 cut the
-# median TTFT at concurrency 32 to ~0.44x for 0.95-1.06x the output tok/s (README "Tuning").
+# median TTFT at concurrency 32 to ~0.44x for 0.95-1.06x the output tok/s (docs/performance.md).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
 
 
@@ -118,10 +124,10 @@ class ServerConfig:
     max_queued_requests: int = 1024
     allowed_origins: tuple[str, ...] = ()
     max_request_body_bytes: int = 16 << 20
-    log_level: str = "info"
+    log_level: str = "info"  # one of LOG_LEVELS
     shutdown_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
     chat_template: str | None = None  # Jinja text; None: the tokenizer's own
-    engine_mode: str = "thread"  # where the engine loop runs: "thread" or "process"
+    engine_mode: str = "thread"  # where the engine loop runs: one of ENGINE_MODES
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -132,5 +138,5 @@ class ServerConfig:
             raise ValueError("max_request_body_bytes must be >= 1024")
         if self.shutdown_timeout < 0:
             raise ValueError("shutdown_timeout must be >= 0")
-        if self.engine_mode not in ("thread", "process"):
-            raise ValueError(f"engine_mode must be 'thread' or 'process', got {self.engine_mode!r}")
+        _check_choice("log_level", self.log_level, LOG_LEVELS)
+        _check_choice("engine_mode", self.engine_mode, ENGINE_MODES)

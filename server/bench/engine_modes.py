@@ -14,8 +14,9 @@ import time
 import httpx
 
 from server.bench.serve import make_prompts, run
+from server.config import ENGINE_MODES
 
-MODES = ("thread", "process")
+MODES = ENGINE_MODES
 
 
 def _free_port() -> int:

@@ -1,16 +1,21 @@
 """`pagedserve bench make-model`: a reproducible random-weight model directory, no downloads.
 
-Writes a Hugging Face directory (config.json, model.safetensors, generation_config.json) with
-random weights drawn from a fixed seed by transformers' own initialisation, and a byte-level BPE
-tokenizer trained here with the `tokenizers` library on synthetic text generated from the same
-seed. The same seed gives byte-identical files. Presets:
+The one maker of random-weight models: the tests' tiny models (tests/model_factory.py) are the
+`test-*` presets here. Writes a Hugging Face directory (config.json, model.safetensors,
+generation_config.json) with random weights drawn from a fixed seed by transformers' own
+initialisation, and a tokenizer: either a byte-level BPE one trained here with the `tokenizers`
+library on synthetic text generated from the same seed, or the bundled stories260k one (512 ids)
+copied. The same seed gives byte-identical files. Presets:
 
 * `smollm2-135m`: SmolLM2-135M's architecture (LlamaForCausalLM, hidden 576, 30 layers, 9 heads,
   3 KV heads, vocab 49152, tied embeddings), the benchmark model of issue 5.
 * `tiny`: the same shape family at test size (2 layers, hidden 64, vocab 512).
+* `test-llama`, `test-qwen2`, `test-qwen3`, `test-mistral`: the architecture variants the parity
+  tests run (2 layers, hidden 64, vocab 512, the bundled tokenizer).
 
-Special tokens follow SmolLM2-Instruct: `<|endoftext|>` (0, unk), `<|im_start|>` (1, bos),
-`<|im_end|>` (2, eos and pad), with a ChatML chat template. No bos is added on encode.
+Special tokens of the trained tokenizer follow SmolLM2-Instruct: `<|endoftext|>` (0, unk),
+`<|im_start|>` (1, bos), `<|im_end|>` (2, eos and pad), with a ChatML chat template. No bos is
+added on encode.
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ import argparse
 import itertools
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from server.assets import BUNDLED_MODEL_DIR
+from server.config import DTYPES
 
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN)  # ids 0, 1, 2
@@ -34,7 +43,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES if name != "auto"}
+_BUNDLED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 _SPECIAL_IDS = dict(bos_token_id=SPECIAL_TOKENS.index(BOS_TOKEN),
                     eos_token_id=SPECIAL_TOKENS.index(EOS_TOKEN),
@@ -43,10 +53,26 @@ _SPECIAL_IDS = dict(bos_token_id=SPECIAL_TOKENS.index(BOS_TOKEN),
 
 @dataclass(frozen=True)
 class Preset:
-    config: dict  # LlamaConfig keyword arguments
-    num_corpus_words: int  # distinct synthetic words the tokenizer is trained on
-    num_corpus_sentences: int
+    config: dict  # keyword arguments of `config_class`
+    # The tokenizer is trained on this many distinct synthetic words and sentences; 0: the
+    # bundled stories260k tokenizer (512 ids, bos 1, eos 2) is copied instead.
+    num_corpus_words: int = 0
+    num_corpus_sentences: int = 0
     description: str = ""
+    config_class: str = "LlamaConfig"  # a transformers config class; the model is its *ForCausalLM
+    # > 0: q/k/v projection biases are redrawn from N(0, std) so they matter (they init to 0).
+    attention_bias_std: float = 0.0
+
+    @property
+    def architecture(self) -> str:
+        return self.config_class.removesuffix("Config") + "ForCausalLM"
+
+
+# The tests' architecture variants: tiny, with weights large enough that greedy choices are not
+# near-ties, and the bundled tokenizer's vocabulary and special ids.
+_TEST_COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    bos_token_id=1, eos_token_id=2, initializer_range=0.2)
 
 
 PRESETS: dict[str, Preset] = {
@@ -69,6 +95,22 @@ PRESETS: dict[str, Preset] = {
                     initializer_range=0.2, **_SPECIAL_IDS),
         num_corpus_words=3000, num_corpus_sentences=2000,
         description="test-size Llama, random weights"),
+    "test-llama": Preset(
+        config=dict(_TEST_COMMON, num_key_value_heads=1, tie_word_embeddings=False,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 32}),
+        description="test Llama: llama3 rope scaling, untied head, GQA 4:1"),
+    "test-qwen2": Preset(
+        config=dict(_TEST_COMMON, tie_word_embeddings=True), config_class="Qwen2Config",
+        attention_bias_std=0.2, description="test Qwen2: q/k/v biases, tied embeddings"),
+    "test-qwen3": Preset(
+        config=dict(_TEST_COMMON, head_dim=32, tie_word_embeddings=False),
+        config_class="Qwen3Config", description="test Qwen3: q/k RMSNorm, head_dim 32 != 64 / 4"),
+    "test-mistral": Preset(
+        config=dict(_TEST_COMMON, sliding_window=12, tie_word_embeddings=False),
+        config_class="MistralConfig",
+        description="test Mistral: a 12-token sliding window, shorter than the test prompts"),
 }
 
 # Syllables of the synthetic language the tokenizer is trained on.
@@ -80,11 +122,13 @@ _CODAS = ("", "", "", "n", "r", "s", "t", "l", "m", "nd", "ng", "rk", "st", "x")
 _PUNCT = (".", ".", ".", "?", "!", ",", ";", ":")
 
 
-def build_config(preset: str):
-    from transformers import LlamaConfig
+def build_config(preset: str, **overrides):
+    """The preset's transformers config; `overrides` replace or add config keyword arguments."""
+    import transformers
 
-    config = LlamaConfig(**PRESETS[preset].config)
-    config.architectures = ["LlamaForCausalLM"]
+    spec = PRESETS[preset]
+    config = getattr(transformers, spec.config_class)(**{**spec.config, **overrides})
+    config.architectures = [spec.architecture]
     return config
 
 
@@ -168,8 +212,17 @@ def _add_legacy_config_keys(path: Path, config) -> None:
     _write_json(path, raw)
 
 
-def make_model(preset: str, out_dir: Path, seed: int = 0, dtype: str = "float32") -> int:
-    """Write the preset's model directory; returns its parameter count."""
+def _redraw_attention_biases(model, std: float) -> None:
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, std)
+
+
+def make_model(preset: str, out_dir: Path, seed: int = 0, dtype: str = "float32",
+               **overrides) -> int:
+    """Write the preset's model directory; returns its parameter count. `overrides` are
+    config keyword arguments (build_config's)."""
     from transformers import AutoModelForCausalLM
 
     if preset not in PRESETS:
@@ -177,21 +230,30 @@ def make_model(preset: str, out_dir: Path, seed: int = 0, dtype: str = "float32"
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(_DTYPES)}")
     spec = PRESETS[preset]
-    config = build_config(preset)
+    config = build_config(preset, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if spec.attention_bias_std:
+        _redraw_attention_biases(model, spec.attention_bias_std)
     model = model.to(_DTYPES[dtype])  # same values whatever the dtype, rounded
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     _add_legacy_config_keys(out_dir / "config.json", config)
-    tokenizer = train_tokenizer(config.vocab_size, seed, spec.num_corpus_words,
-                                spec.num_corpus_sentences)
-    save_tokenizer(tokenizer, out_dir, config.max_position_embeddings)
+    if spec.num_corpus_words:
+        tokenizer = train_tokenizer(config.vocab_size, seed, spec.num_corpus_words,
+                                    spec.num_corpus_sentences)
+        save_tokenizer(tokenizer, out_dir, config.max_position_embeddings)
+    else:
+        for name in _BUNDLED_TOKENIZER_FILES:
+            shutil.copy(BUNDLED_MODEL_DIR / name, out_dir / name)
     return sum(p.numel() for p in model.parameters())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS),
+                        help="; ".join(f"{name}: {spec.description}"
+                                       for name, spec in PRESETS.items()))
     parser.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and tokenizer")
     parser.add_argument("--dtype", default="float32", choices=list(_DTYPES),

@@ -41,9 +41,10 @@ from pathlib import Path
 import torch
 
 from server.bench.args import parse_ints
+from server.config import DTYPES
 from server.models.arch_config import ArchConfig
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES if name != "auto"}
 _GB = 1e9
 
 
@@ -272,7 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=128, help="output tokens per request")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's, i.e. the cores)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="dtype of weights and matmuls; auto takes config.json's")
     parser.add_argument("--batch-tokens", type=parse_ints, default=[1, 8, 32, 64, 128, 256, 512],
                         metavar="M,...", help="token counts M for the model-GEMM table")

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
-from server.config import LOG_FORMAT, EngineConfig
+from server.config import ENGINE_MODES, LOG_FORMAT, EngineConfig
 from server.engine.engine_loop import (
     AbortCommand,
     AddCommand,
@@ -33,8 +33,6 @@ from server.outputs import EngineCoreOutput, EngineStats
 from server.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-ENGINE_MODES = ("thread", "process")
 
 _Item = tuple[str, EngineCoreOutput | BaseException]
 

@@ -155,3 +155,23 @@ def test_bad_arguments_are_refused(tmp_path):
         mm.make_model("tiny", tmp_path / "x", dtype="int8")
     with pytest.raises(ValueError, match="num_corpus_words"):
         mm.train_tokenizer(5000, 0, num_words=20, num_sentences=5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_test_presets_are_the_tests_models(arch, tmp_path):
+    """tests/model_factory.py's models are this maker's `test-*` presets: the architecture, the
+    bundled tokenizer copied, and (qwen2) biases that are not all zero."""
+    from server.assets import BUNDLED_MODEL_DIR
+    from tests.model_factory import ARCH_VARIANTS, make_tiny_model
+
+    assert ARCH_VARIANTS[arch] == f"test-{arch}"
+    out = make_tiny_model(tmp_path / arch, arch, seed=1, num_hidden_layers=1)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [mm.PRESETS[f"test-{arch}"].architecture]
+    assert config["num_hidden_layers"] == 1 and config["vocab_size"] == 512
+    assert (out / "tokenizer.json").read_bytes() == (BUNDLED_MODEL_DIR / "tokenizer.json"
+                                                     ).read_bytes()
+    tensors = _tensors(out)
+    biases = [t for name, t in tensors.items() if name.endswith("_proj.bias")]
+    assert len(biases) == (3 if arch == "qwen2" else 0)
+    assert all(b.abs().sum() > 0 for b in biases)

@@ -2,9 +2,8 @@
 
 torch's CPU `F.linear` hands MKL the plain [out, in] weight, which MKL repacks on every call: for
 the few-row GEMMs of a decode step (4-128 rows) that repacking costs more than the arithmetic.
-Packing once, after loading, measured 1.2-1.3x faster over the SmolLM2-135M layer shapes at 8-64
-rows (and ~2x for the logits GEMM at 8 rows), 1.20x end to end offline (README "Benchmarks and
-performance" has that A/B command). Two packers, the first that works on this torch build:
+Packing once, after loading, is faster (measured in docs/performance.md). Two packers, the
+first that works on this torch build:
 
 - MKL's packed GEMM (`torch.ops.mkl._mkl_linear`). torch asks for the packing batch size to equal
   the GEMM's rows; MKL's packed layout does not depend on it (same size, same results for every
@@ -33,7 +32,7 @@ from kernels import cpu_linear
 
 logger = logging.getLogger(__name__)
 
-PACKED_MIN_ROWS = 4  # measured crossover on 2 Sapphire Rapids cores, README "Benchmarks"
+PACKED_MIN_ROWS = 4  # measured crossover on 2 Sapphire Rapids cores, docs/performance.md
 SMALL_ROWS = (1, 32)  # rows served from the cpu_linear copy, when there is one (measured)
 _MKL_PACK_ROWS = 64  # the batch-size hint given to MKL's packer (the layout ignores it)
 _PROBE_ROWS = (PACKED_MIN_ROWS, 7, 64, 200)

@@ -105,6 +105,8 @@ async def _run(ctx: ServingContext, body: CompletionRequest, prep: _Prepared
     streams = prep.request_streams
     async for i, out in merge_streams(streams):
         choice = prep.choices[i * body.n + out.index]
+        if choice.finish_reason is not None:
+            continue  # read ahead by merge_streams before a stop string ended the choice
         delta = choice.add(out)
         if choice.matcher.stopped_by is not None:
             streams[i].finish_choice(out.index)

@@ -23,6 +23,7 @@ from server.engine.engine_loop import (
     StopCommand,
     run_engine_loop,
 )
+from server.engine.fan_out import fan_out
 from server.engine.protocol import (
     EngineDeadError,
     EngineNotReadyError,
@@ -46,7 +47,8 @@ class AsyncEngineClient:
         self.error: BaseException | None = None
         self._step_listener: StepListener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queues: dict[str, asyncio.Queue] = {}
+        # engine request id (one per completion) -> (its stream's queue, completion index)
+        self._routes: dict[str, tuple[asyncio.Queue, int]] = {}
         self._stats: EngineStats | None = None
         # Both counted on the event loop's thread: their difference is the adds still on their
         # way into the engine.
@@ -85,21 +87,28 @@ class AsyncEngineClient:
     # ------------------------------------------------------------------ event loop side
     def generate(self, request_id: str, prompt_token_ids: list[int],
                  params: SamplingParams) -> RequestStream:
+        """Fan the request out into one engine request per completion (fan_out.py); the
+        returned stream merges their outputs."""
         if not self.alive:
             raise EngineNotReadyError("the engine is not ready")
-        if request_id in self._queues:
+        children = fan_out(request_id, params)
+        if any(child_id in self._routes for child_id, _ in children):
             raise ValueError(f"request id {request_id!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
-        self._num_adds_submitted += 1
-        self._submit(AddCommand(request_id, prompt_token_ids, params, time.monotonic()))
-        return RequestStream(self, request_id, params.n, queue)
+        now = time.monotonic()
+        for index, (child_id, child_params) in enumerate(children):
+            self._routes[child_id] = (queue, index)
+            self._num_adds_submitted += 1
+            self._submit(AddCommand(child_id, prompt_token_ids, child_params, now))
+        return RequestStream(self, request_id, [child_id for child_id, _ in children], queue)
 
-    def abort(self, request_id: str, index: int | None = None) -> None:
-        self._submit(AbortCommand(request_id, index))
+    def abort(self, request_id: str) -> None:
+        """Abort one engine request (one completion)."""
+        self._submit(AbortCommand(request_id))
 
-    def _release(self, request_id: str) -> None:
-        self._queues.pop(request_id, None)
+    def _release(self, child_ids: list[str]) -> None:
+        for child_id in child_ids:
+            self._routes.pop(child_id, None)
 
     def _apply_report(self, report: StepReport, items: list[_Item]) -> None:
         self._stats = report.stats
@@ -107,9 +116,13 @@ class AsyncEngineClient:
         if self._step_listener is not None:
             self._step_listener(report.outputs, report.stats)
         for request_id, item in items:
-            queue = self._queues.get(request_id)
-            if queue is not None:
-                queue.put_nowait(item)
+            route = self._routes.get(request_id)
+            if route is None:
+                continue  # its stream was closed
+            queue, index = route
+            if isinstance(item, EngineCoreOutput):
+                item.index = index
+            queue.put_nowait((index, item))
 
     # ------------------------------------------------------------------ engine side
     def _on_report(self, report: StepReport) -> None:
@@ -122,13 +135,18 @@ class AsyncEngineClient:
             self._loop.call_soon_threadsafe(self._apply_report, report, items)
 
 
+_WAKE = object()  # put in a stream's queue when a choice ends on the API side
+
+
 class RequestStream:
     """One request's outputs, until each of its n completions finished (or was finished early
     by the API with `finish_choice`). Closing it early aborts whatever still runs."""
 
-    def __init__(self, client: AsyncEngineClient, request_id: str, n: int,
+    def __init__(self, client: AsyncEngineClient, request_id: str, child_ids: list[str],
                  queue: asyncio.Queue) -> None:
-        self._client, self.request_id, self.n, self._queue = client, request_id, n, queue
+        self._client, self.request_id, self._queue = client, request_id, queue
+        self._child_ids = child_ids
+        self.n = len(child_ids)
         self._finished: set[int] = set()
         self._closed = False
 
@@ -136,7 +154,9 @@ class RequestStream:
         """Stop completion `index` now (a stop string matched on the API side)."""
         if index not in self._finished:
             self._finished.add(index)
-            self._client.abort(self.request_id, index)
+            self._client.abort(self._child_ids[index])
+            # A reader already waiting for the next output must see that none may come.
+            self._queue.put_nowait((index, _WAKE))
 
     def close(self) -> None:
         """Stop listening; abort whatever still runs. Idempotent, and safe for a stream whose
@@ -144,20 +164,23 @@ class RequestStream:
         if self._closed:
             return
         self._closed = True
-        self._client._release(self.request_id)
-        if len(self._finished) < self.n:
-            self._client.abort(self.request_id)
+        self._client._release(self._child_ids)
+        for index, child_id in enumerate(self._child_ids):
+            if index not in self._finished:
+                self._client.abort(child_id)
 
     async def __aiter__(self) -> AsyncIterator[EngineCoreOutput]:
         try:
             while len(self._finished) < self.n:
-                item = await self._queue.get()
+                index, item = await self._queue.get()
+                if item is _WAKE:
+                    continue
                 if isinstance(item, BaseException):
                     raise item
-                if item.index in self._finished:
+                if index in self._finished:
                     continue  # already ended on the API side
                 if item.finished:
-                    self._finished.add(item.index)
+                    self._finished.add(index)
                 yield item
         finally:
             self.close()

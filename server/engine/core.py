@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 from server.config import EngineConfig
@@ -19,14 +18,6 @@ from server.sampling_params import SamplingParams
 from server.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Parent:
-    """A request with n > 1 completions, fanned out into one child per completion."""
-
-    child_ids: list[str]
-    held: list[Request]  # children waiting for the first child's prefill, to share its blocks
 
 
 class EngineCore:
@@ -47,14 +38,16 @@ class EngineCore:
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler.for_device(self.runner.device.type),
                                    self.kv_cache, self.max_model_len)
-        self._parents: dict[str, _Parent] = {}
-        self._child_to_parent: dict[str, tuple[str, int]] = {}
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     sampling_params: SamplingParams, arrival_time: float | None = None) -> None:
-        """Validate and enqueue; raises ValueError for a request that cannot be served."""
-        if request_id in self._parents:
+        """Validate and enqueue one completion (n > 1 is fanned out by the front end,
+        engine/fan_out.py); raises ValueError for a request that cannot be served."""
+        if sampling_params.n != 1:
+            raise ValueError(f"the engine core runs one completion per request, got "
+                             f"n={sampling_params.n}; fan out with server.engine.fan_out")
+        if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
@@ -68,72 +61,24 @@ class EngineCore:
                              f"{self.max_model_len} leaves no room for output")
         room = self.max_model_len - num_prompt
         max_tokens = min(sampling_params.max_tokens or room, room)
-        n = sampling_params.n
-        child_ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
-        taken = next((c for c in child_ids if c in self._child_to_parent), None)
-        if taken is not None:
-            raise ValueError(f"request id {taken!r} is already in the engine")
-        children = []
-        for index, child_id in enumerate(child_ids):
-            params = sampling_params
-            if n > 1 and params.seed is not None:
-                params = replace(params, seed=params.seed + index)
-            children.append(Request(child_id, prompt_token_ids, params,
-                                    eos_token_ids=self.generation.eos_token_ids,
-                                    max_tokens=max_tokens, arrival_time=arrival_time))
-            self._child_to_parent[child_id] = (request_id, index)
-        self._parents[request_id] = _Parent(child_ids, children[1:])
-        self.scheduler.add_request(children[0])
+        self.scheduler.add_request(Request(request_id, prompt_token_ids, sampling_params,
+                                           eos_token_ids=self.generation.eos_token_ids,
+                                           max_tokens=max_tokens, arrival_time=arrival_time))
 
-    def abort_request(self, request_id: str, index: int | None = None) -> None:
-        """Abort a request (all its completions), or only its completion `index`."""
-        parent = self._parents.get(request_id)
-        if parent is None:
-            return
-        child_ids = parent.child_ids if index is None else parent.child_ids[index:index + 1]
-        held = {r.request_id for r in parent.held}
-        self.scheduler.finish_requests([c for c in child_ids if c not in held],
-                                       RequestStatus.FINISHED_ABORTED)
-        parent.held = [r for r in parent.held if r.request_id not in child_ids]
-        for child_id in child_ids:
-            if child_id in self._child_to_parent:
-                self._child_finished(request_id, child_id)
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._parents)
+        return self.scheduler.has_unfinished_requests()
 
     def unfinished_request_ids(self) -> list[str]:
-        return list(self._parents)
+        return list(self.scheduler.requests)
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
         samples = self.runner.execute(scheduler_output)
-        outputs = self.scheduler.update_from_output(scheduler_output, samples)
-        self._release_held_children()
-        for out in outputs:
-            child_id = out.request_id
-            out.request_id, out.index = self._child_to_parent[child_id]
-            if out.finished:
-                self._child_finished(out.request_id, child_id)
-        return outputs
-
-    def _release_held_children(self) -> None:
-        for parent in self._parents.values():
-            if not parent.held:
-                continue
-            first = parent.held[0]
-            lead = self.scheduler.requests.get(parent.child_ids[0])
-            if lead is None or lead.num_computed_tokens >= first.num_prompt_tokens:
-                for child in parent.held:
-                    self.scheduler.add_request(child)
-                parent.held.clear()
-
-    def _child_finished(self, request_id: str, child_id: str) -> None:
-        self._child_to_parent.pop(child_id, None)
-        parent = self._parents[request_id]
-        if not any(c in self._child_to_parent for c in parent.child_ids):
-            del self._parents[request_id]
+        return self.scheduler.update_from_output(scheduler_output, samples)
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.model_dir, self.max_model_len, self.arch.vocab_size)
@@ -141,8 +86,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting + sum(len(p.held)
-                                                         for p in self._parents.values()),
+            num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.kv_cache.usage(),
             prefix_cache_queries=self.kv_cache.stats.queries,
             prefix_cache_hits=self.kv_cache.stats.hits,

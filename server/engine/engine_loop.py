@@ -24,7 +24,7 @@ class CoreLike(Protocol):
                     sampling_params: SamplingParams,
                     arrival_time: float | None = None) -> None: ...
 
-    def abort_request(self, request_id: str, index: int | None = None) -> None: ...
+    def abort_request(self, request_id: str) -> None: ...
 
     def step(self) -> list[EngineCoreOutput]: ...
 
@@ -48,7 +48,6 @@ class AddCommand:
 @dataclass(slots=True)
 class AbortCommand:
     request_id: str
-    index: int | None = None  # None: every completion of the request
 
 
 @dataclass(slots=True)
@@ -83,7 +82,7 @@ def run_engine_loop(engine: CoreLike, receive: Callable[[bool], list[Command]],
             if isinstance(command, StopCommand):
                 return
             if isinstance(command, AbortCommand):
-                engine.abort_request(command.request_id, command.index)
+                engine.abort_request(command.request_id)
                 continue
             num_applied += 1
             try:

@@ -30,7 +30,6 @@ def repeat_prompt(prompt_token_ids: Sequence[int], num_generated: int) -> int:
 @dataclass(slots=True)
 class _Sequence:
     request_id: str
-    index: int
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int
@@ -54,7 +53,7 @@ class FakeEngineCore:
         self.running: list[_Sequence] = []
         self.num_steps = 0
         self.added: list[str] = []
-        self.aborted: list[tuple[str, int | None]] = []
+        self.aborted: list[str] = []
         self._changed = threading.Condition()
         self._steps_allowed: int | None = None  # None: no limit
         self._poked = False
@@ -111,6 +110,8 @@ class FakeEngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     sampling_params: SamplingParams, arrival_time: float | None = None) -> None:
+        if sampling_params.n != 1:
+            raise ValueError("the engine core runs one completion per request")
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
         bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
@@ -125,19 +126,15 @@ class FakeEngineCore:
                              f"{self.max_model_len} leaves no room for output")
         max_tokens = min(sampling_params.max_tokens or room, room)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        for index in range(sampling_params.n):
-            self.waiting.append(_Sequence(request_id, index, list(prompt_token_ids),
-                                          sampling_params, max_tokens, arrival))
+        self.waiting.append(_Sequence(request_id, list(prompt_token_ids), sampling_params,
+                                      max_tokens, arrival))
         self.added.append(request_id)
         self._notify()
 
-    def abort_request(self, request_id: str, index: int | None = None) -> None:
-        def keep(s: _Sequence) -> bool:
-            return s.request_id != request_id or (index is not None and s.index != index)
-
-        self.waiting = deque(s for s in self.waiting if keep(s))
-        self.running = [s for s in self.running if keep(s)]
-        self.aborted.append((request_id, index))
+    def abort_request(self, request_id: str) -> None:
+        self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
+        self.running = [s for s in self.running if s.request_id != request_id]
+        self.aborted.append(request_id)
         self._notify()
 
     def has_unfinished_requests(self) -> bool:
@@ -183,9 +180,8 @@ class FakeEngineCore:
         if params.logprobs is not None:
             top = {(token_id + k) % self.vocab_size: -1.0 - k for k in range(params.logprobs)}
             logprobs = [SampleResult(token_id, -1.0, top or None)]
-        return EngineCoreOutput(seq.request_id, [token_id], index=seq.index,
-                                new_logprobs=logprobs, finish_reason=finish,
-                                stop_reason=stop_reason,
+        return EngineCoreOutput(seq.request_id, [token_id], new_logprobs=logprobs,
+                                finish_reason=finish, stop_reason=stop_reason,
                                 queue_time=0.0 if num_out == 1 else None)
 
 

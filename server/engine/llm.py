@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from server.config import EngineConfig
 from server.engine.core import EngineCore
+from server.engine.fan_out import fan_out
 from server.engine.tokenizer import load_tokenizer
 from server.outputs import CompletionOutput, RequestOutput
 from server.sampling_params import SamplingParams
@@ -56,30 +57,35 @@ class LLM:
             raise ValueError(f"got {len(params_list)} sampling params for {len(items)} prompts")
         results: dict[str, RequestOutput] = {}
         order: list[str] = []
+        # engine request id -> (its request's id, completion index, params)
+        children: dict[str, tuple[str, int, SamplingParams]] = {}
         try:
             for item, params in zip(items, params_list):
                 text, token_ids = self._tokenize(item)
                 request_id = str(next(self._ids))
-                self.engine.add_request(request_id, token_ids, params)
                 order.append(request_id)
                 results[request_id] = RequestOutput(
                     request_id, text, token_ids,
                     [CompletionOutput(index=i, logprobs=[] if params.logprobs is not None
                                       else None) for i in range(params.n)])
-            self._run(results, dict(zip(order, params_list)), use_tqdm)
+                for index, (child_id, child_params) in enumerate(fan_out(request_id, params)):
+                    self.engine.add_request(child_id, token_ids, child_params)
+                    children[child_id] = (request_id, index, child_params)
+            self._run(results, children, use_tqdm)
         except BaseException:
-            for request_id in order:
-                self.engine.abort_request(request_id)
+            for child_id in children:
+                self.engine.abort_request(child_id)
             raise
         return [results[r] for r in order]
 
-    def _run(self, results: dict[str, RequestOutput], params: dict[str, SamplingParams],
-             use_tqdm: bool) -> None:
+    def _run(self, results: dict[str, RequestOutput],
+             children: dict[str, tuple[str, int, SamplingParams]], use_tqdm: bool) -> None:
         bar = tqdm(total=len(results), desc="Generating", disable=not use_tqdm)
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
-                result = results[out.request_id]
-                completion = result.outputs[out.index]
+                request_id, index, params = children[out.request_id]
+                result = results[request_id]
+                completion = result.outputs[index]
                 completion.token_ids.extend(out.new_token_ids)
                 result.num_cached_tokens = max(result.num_cached_tokens, out.num_cached_tokens)
                 for sample in out.new_logprobs:
@@ -94,7 +100,7 @@ class LLM:
                     completion.stop_reason = out.stop_reason
                     completion.text = self.tokenizer.decode(
                         completion.token_ids,
-                        skip_special_tokens=params[out.request_id].skip_special_tokens)
+                        skip_special_tokens=params.skip_special_tokens)
                     if result.finished:
                         bar.update(1)
         bar.close()

@@ -79,4 +79,6 @@ class EngineClient(Protocol):
         """Submit a request (raises EngineNotReadyError when not alive); iterate the returned
         stream for its outputs."""
 
-    def abort(self, request_id: str, index: int | None = None) -> None: ...
+    def abort(self, request_id: str) -> None:
+        """Abort one engine request: a completion (see fan_out.py), or a whole request of n=1;
+        streams abort their own requests when closed."""

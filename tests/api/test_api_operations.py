@@ -41,7 +41,7 @@ def _idle(core: FakeEngineCore) -> bool:
 # ---------------------------------------------------------------------- disconnects
 @pytest.mark.parametrize("path,body,num_requests", [
     (C, {"prompt": PROMPT}, 1),
-    (C, {"prompt": [PROMPT, "The dog"], "n": 2}, 2),
+    (C, {"prompt": [PROMPT, "The dog"], "n": 2}, 4),
     (CHAT, {"messages": MSGS}, 1),
 ], ids=["completion", "completion-2-prompts-n2", "chat"])
 def test_disconnect_mid_stream_aborts_every_request(fake_server, path, body, num_requests):
@@ -56,7 +56,7 @@ def test_disconnect_mid_stream_aborts_every_request(fake_server, path, body, num
             s.wait_engine(lambda core: core.num_steps == 3)
         # leaving the block closes the connection mid-stream
     s.wait_engine(lambda core: _idle(core) and len(core.aborted) >= num_requests)
-    assert {rid for rid, index in core.aborted if index is None} == set(core.added)
+    assert sorted(core.aborted) == sorted(core.added)  # one engine request per completion
     assert len(core.added) == num_requests
     s.wait_metric("pagedserve:num_requests_running", lambda v: v == 0)
 
@@ -68,14 +68,14 @@ def test_abandoned_non_streaming_request_is_aborted(fake_server):
     body = {"model": s.model_name, "prompt": PROMPT, "n": 4, **LONG}
     with s.client(timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
         c.post(C, json=body)
-    s.wait_engine(lambda core: _idle(core) and core.aborted)
+    s.wait_engine(lambda core: _idle(core) and len(core.aborted) == 4)
     assert core.num_steps == 2
     assert _generated(s) == 4 * 2  # it ran, then stopped with the client
     core.allow(1)
     with s.client(timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
         c.post(CHAT, json={"model": s.model_name, "messages": MSGS, **LONG})
-    s.wait_engine(lambda core: _idle(core) and len(core.aborted) == 2)
-    assert [rid for rid, _ in core.aborted] == core.added
+    s.wait_engine(lambda core: _idle(core) and len(core.aborted) == 5)
+    assert sorted(core.aborted) == sorted(core.added)
 
 
 def test_abandoned_request_is_not_a_server_error(fake_server, caplog):
@@ -182,5 +182,42 @@ def test_stop_string_ends_one_choice_and_aborts_it_in_the_engine(fake_server):
     assert {c["finish_reason"] for c in out["choices"]} == {"stop"}
     assert {c["stop_reason"] for c in out["choices"]} == {" time"}
     s.wait_engine(_idle)
-    assert sorted(index for _, index in core.aborted if index is not None) == [0, 1]
+    assert sorted(core.aborted) == sorted(core.added) and len(core.added) == 2
     assert out["usage"]["completion_tokens"] < 2 * 30
+
+
+def _steps_until(server, prompt: str, text: str) -> int:
+    """How many of the fake's tokens (the prompt, repeated) it takes to produce `text`."""
+    ids = server.tokenize(prompt)["tokens"]
+    for k in range(1, len(ids) + 1):
+        r = server.post("/detokenize", {"model": server.model_name, "tokens": ids[:k]})
+        if text in r.json()["prompt"]:
+            return k
+    raise AssertionError(f"{text!r} is not in {prompt!r}")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_batched_prompts_with_stop_strings_return(fake_server, stream):
+    """Several prompts, each ended by a stop string at the last step the engine runs: the
+    response ends (it used to wait forever for an output of a sequence the stop string had
+    aborted)."""
+    s, core = fake_server, fake_server.core
+    prompts = ["The capital city of Japan is", "The capital city of Egypt is"]
+    body = {"prompt": prompts, "max_tokens": 12, "stop": [" city", "."]}
+    core.pause()
+    core.allow(_steps_until(s, prompts[0], "The capital city"))  # no step after the match
+    if stream:
+        chunks, _ = s.stream(C, body)
+        texts = {0: "", 1: ""}
+        for chunk in chunks:
+            for choice in chunk["choices"]:
+                texts[choice["index"]] += choice["text"]
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]
+                    and c["choices"][0]["finish_reason"]]
+    else:
+        out = s.complete(**body)
+        texts = {c["index"]: c["text"] for c in out["choices"]}
+        finishes = [c["finish_reason"] for c in out["choices"]]
+    assert texts == {0: " The capital", 1: " The capital"}
+    assert finishes == ["stop", "stop"]
+    s.wait_engine(_idle)

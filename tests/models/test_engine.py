@@ -6,6 +6,7 @@ import pytest
 
 from server import LLM, SamplingParams
 from server.engine.core import EngineCore
+from server.engine.fan_out import fan_out
 from tests.models.conftest import random_prompts
 
 SMALL_CACHE = 1 << 22
@@ -44,11 +45,14 @@ def test_n_completions_differ_and_are_reproducible_with_a_seed(llm):
 
 
 def test_n_completions_share_prompt_blocks(model_dirs):
+    """The front end fans n out into n engine requests; siblings scheduled in the same step hit
+    the blocks the first one entered in the prefix cache when they were allocated."""
     engine = LLM(str(model_dirs["llama"]), kv_cache_memory=SMALL_CACHE).engine
     prompt = random_prompts(seed=13, count=1, min_len=40, max_len=41)[0]  # 2 full blocks + 8
-    engine.add_request("r", prompt, SamplingParams(n=3, max_tokens=8, temperature=1.0))
-    engine.step()  # the first child's prefill; the others wait for it
-    engine.step()  # the others join with a prefix hit
+    for child_id, params in fan_out("r", SamplingParams(n=3, max_tokens=8, temperature=1.0)):
+        engine.add_request(child_id, prompt, params)
+    engine.step()  # all three in one step: the first computes the prompt, the others hit it
+    assert engine.kv_cache.stats.hits == 2 * 2 * 16
     tables = [engine.kv_cache.req_to_blocks[f"r#{i}"] for i in range(3)]
     shared = [b.block_id for b in tables[0][:2]]
     assert all([b.block_id for b in t[:2]] == shared for t in tables)
@@ -163,8 +167,8 @@ def test_engine_core_is_usable_without_llm(model_dirs):
     with pytest.raises(ValueError, match="already"):
         engine.add_request("a", [1, 5, 9], SamplingParams())
     engine.add_request("b#1", [1, 5], SamplingParams(max_tokens=1))
-    with pytest.raises(ValueError, match="'b#1' is already"):
-        engine.add_request("b", [1, 5], SamplingParams(n=2, max_tokens=1))
+    with pytest.raises(ValueError, match="one completion per request"):
+        engine.add_request("c", [1, 5], SamplingParams(n=2, max_tokens=1))
     assert engine.unfinished_request_ids() == ["a", "b#1"]
     outputs = []
     while engine.has_unfinished_requests():

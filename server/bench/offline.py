@@ -10,7 +10,7 @@ import json
 import time
 
 from server.bench.serve import make_prompts, warmup_prompt_for
-from server.cli import add_engine_flags, engine_flag_kwargs
+from server.config_flags import add_engine_flags, engine_flag_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

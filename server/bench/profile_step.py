@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from server.bench.serve import make_prompts
-from server.cli import add_engine_flags, engine_flag_kwargs
+from server.config_flags import add_engine_flags, engine_flag_kwargs
 
 PHASES = ("schedule", "prepare", "forward", "logits", "sample", "update")
 

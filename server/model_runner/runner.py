@@ -11,10 +11,10 @@ import torch
 
 import kernels
 from server.config import EngineConfig
-from server.model_runner.attention_metadata import AttentionMetadata
 from server.model_runner.cpu_allocator import keep_freed_memory_mapped
 from server.model_runner.sampler import Sampler, SamplingRow
 from server.models.arch_config import ArchConfig
+from server.models.attention_metadata import AttentionMetadata
 from server.models.errors import ModelLoadError
 from server.models.layers.linear import SMALL_ROWS, Linear, pack_linear_weights
 from server.models.llama import COMPILED_DECODE_ROWS, use_compiled_decode, use_fused_cpu_ops

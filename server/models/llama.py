@@ -14,8 +14,8 @@ from torch import nn
 
 import kernels
 from kernels import cpu_decoder, cpu_fused
-from server.model_runner.attention_metadata import AttentionMetadata
 from server.models.arch_config import ArchConfig
+from server.models.attention_metadata import AttentionMetadata
 from server.models.layers.linear import Linear, PackedWeight, linear, packed_weight
 from server.models.layers.norm import RMSNorm
 from server.models.layers.rotary import RotaryEmbedding, rotate

@@ -9,8 +9,8 @@ import torch
 
 import kernels
 from kernels import cpu_decoder
-from server.model_runner.attention_metadata import AttentionMetadata
 from server.models.arch_config import ArchConfig
+from server.models.attention_metadata import AttentionMetadata
 from server.models.layers.linear import pack_linear_weights
 from server.models.llama import (
     COMPILED_DECODE_ROWS,

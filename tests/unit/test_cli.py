@@ -11,16 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import (
-    _BENCH_COMMANDS,
-    add_engine_flags,
-    build_parser,
-    engine_flag_kwargs,
-    engine_kwargs,
-    main,
-    server_config,
-)
+from server.cli import _BENCH_COMMANDS, build_parser, main, server_config
 from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+from server.config_flags import add_engine_flags, engine_flag_kwargs, engine_kwargs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig)

@@ -113,9 +113,14 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
     tokenizer_error: list[BaseException] = []
 
     async def load_api_tokenizer() -> None:
+        # After the engine's model: loading both at once on few cores made start-up slower
+        # (their imports contend for the GIL and the import locks; docs/performance.md).
+        while engine.model_info is None and engine.error is None:
+            await asyncio.sleep(0.02)
+        if engine.error is not None:
+            return
         try:
-            ctx.tokenizer = await asyncio.to_thread(load_tokenizer,
-                                                    Path(engine_config.model.model))
+            ctx.tokenizer = await asyncio.to_thread(load_tokenizer, engine.model_info.model_dir)
         except Exception as e:  # reported through /health
             logger.error("tokenizer load failed: %s", e)
             tokenizer_error.append(e)

@@ -47,8 +47,6 @@ class EngineCore:
         if sampling_params.n != 1:
             raise ValueError(f"the engine core runs one completion per request, got "
                              f"n={sampling_params.n}; fan out with server.engine.fan_out")
-        if request_id in self.scheduler.requests:
-            raise ValueError(f"request id {request_id!r} is already in the engine")
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise ValueError("the prompt must contain at least one token")

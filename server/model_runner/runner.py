@@ -12,7 +12,8 @@ import torch
 import kernels
 from server.config import EngineConfig
 from server.model_runner.cpu_allocator import keep_freed_memory_mapped
-from server.model_runner.sampler import Sampler, SamplingRow
+from server.model_runner.request_state import RequestState
+from server.model_runner.sampler import Sampler
 from server.models.arch_config import ArchConfig
 from server.models.attention_metadata import AttentionMetadata
 from server.models.errors import ModelLoadError
@@ -92,6 +93,7 @@ class ModelRunner:
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(arch.num_layers)]
         self.sampler = Sampler(seed=config.model.seed)
+        self._states: dict[str, RequestState] = {}
         self._generators: dict[str, torch.Generator] = {}
 
     def _use_compiled_cpu_kernels(self) -> None:
@@ -137,17 +139,18 @@ class ModelRunner:
                                                           AttentionMetadata]:
         scheduled = output.scheduled
         num_seqs = len(scheduled)
+        states = [self._states[e.request_id] for e in scheduled]
         token_ids: list[int] = []
         starts, lens = [], []
-        for entry in scheduled:
+        for entry, state in zip(scheduled, states):
             start, n = entry.num_computed_tokens, entry.num_scheduled_tokens
-            token_ids.extend(entry.request.all_token_ids[start:start + n])
+            token_ids.extend(state.token_ids[start:start + n])
             starts.append(start)
             lens.append(n)
-        max_blocks = max(len(e.block_ids) for e in scheduled)
+        max_blocks = max(len(s.block_ids) for s in states)
         table = torch.zeros((num_seqs, max_blocks), dtype=torch.int32)
-        for i, entry in enumerate(scheduled):
-            table[i, :len(entry.block_ids)] = torch.tensor(entry.block_ids, dtype=torch.int32)
+        for i, state in enumerate(states):
+            table[i, :len(state.block_ids)] = torch.tensor(state.block_ids, dtype=torch.int32)
         q_lens = torch.tensor(lens, dtype=torch.int64)
         seq_idx = torch.repeat_interleave(torch.arange(num_seqs), q_lens)
         query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int64)
@@ -181,10 +184,24 @@ class ModelRunner:
             self._generators[request_id] = gen
         return gen
 
+    def _update_states(self, output: SchedulerOutput) -> None:
+        for request_id in output.finished_req_ids:
+            self._states.pop(request_id, None)
+            self._generators.pop(request_id, None)
+        for request_id in output.preempted_req_ids:  # a seeded generator runs on after resuming
+            self._states.pop(request_id, None)
+        for entry in output.scheduled:
+            new = entry.new_request
+            if new is not None:
+                self._states[entry.request_id] = RequestState.from_new(
+                    entry.request_id, new, entry.new_block_ids,
+                    self._generator_for(entry.request_id, new.sampling_params.seed))
+            elif entry.new_block_ids:
+                self._states[entry.request_id].block_ids.extend(entry.new_block_ids)
+
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> dict[str, SampleResult]:
-        for request_id in output.finished_req_ids:
-            self._generators.pop(request_id, None)
+        self._update_states(output)
         if output.empty:
             return {}
         input_ids, positions, md = self._prepare(output)
@@ -192,13 +209,13 @@ class ModelRunner:
         rows, last_indices = [], []
         for i, entry in enumerate(output.scheduled):
             if entry.samples:
-                request = entry.request
-                rows.append(SamplingRow(request, self._generator_for(
-                    request.request_id, request.sampling_params.seed)))
+                rows.append(self._states[entry.request_id])
                 last_indices.append(i)
         if not rows:
             return {}
         logits_index = md.query_start_loc[1:][torch.tensor(last_indices, device=self.device)] - 1
         logits = self.model.compute_logits(hidden[logits_index.long()])  # type: ignore[operator]
         results = self.sampler(logits, rows)
-        return {row.request.request_id: r for row, r in zip(rows, results)}
+        for row, result in zip(rows, results):
+            row.token_ids.append(result.token_id)
+        return {row.request_id: r for row, r in zip(rows, results)}

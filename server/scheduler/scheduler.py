@@ -11,7 +11,7 @@ from server.config import SchedulerConfig
 from server.kv_cache.manager import NO_COMPUTED_BLOCKS, KVCacheManager
 from server.outputs import EngineCoreOutput, SampleResult
 from server.request import Request, RequestStatus
-from server.scheduler.output import ScheduledRequest, SchedulerOutput
+from server.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:
@@ -97,15 +97,15 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
-            while self.kv_cache.allocate_slots(request, num_new) is None:
+            while (new_blocks := self.kv_cache.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is request:
                     break
             else:
-                scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_new,
-                                                  []))
+                scheduled.append(self._scheduled(request, num_new,
+                                                 [b.block_id for b in new_blocks]))
                 budget -= num_new
                 index += 1
                 continue
@@ -129,12 +129,14 @@ class Scheduler:
                 request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_new, []))
+            entry = self._scheduled(request, num_new,
+                                    self.kv_cache.get_block_ids(request.request_id))
+            entry.new_request = NewRequestData(list(request.all_token_ids),
+                                               request.num_prompt_tokens,
+                                               request.sampling_params, request.eos_token_ids)
+            scheduled.append(entry)
             budget -= num_new
 
-        for entry in scheduled:
-            entry.block_ids = self.kv_cache.get_block_ids(entry.request.request_id)
-            entry.request.num_computed_tokens += entry.num_scheduled_tokens
         finished, self._finished_req_ids = self._finished_req_ids, set()
         return SchedulerOutput(
             scheduled=scheduled,
@@ -143,14 +145,21 @@ class Scheduler:
             preempted_req_ids=preempted,
         )
 
+    @staticmethod
+    def _scheduled(request: Request, num_new: int, new_block_ids: list[int]) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        request.num_computed_tokens += num_new
+        return ScheduledRequest(request.request_id, start, num_new, new_block_ids,
+                                samples=start + num_new >= request.num_tokens)
+
     # ------------------------------------------------------------------ after the forward pass
     def update_from_output(
         self, output: SchedulerOutput, samples: dict[str, SampleResult]
     ) -> list[EngineCoreOutput]:
         outputs = []
         for entry in output.scheduled:
-            request = entry.request
-            if request.status != RequestStatus.RUNNING or not entry.samples:
+            request = self.requests.get(entry.request_id)
+            if request is None or request.status != RequestStatus.RUNNING or not entry.samples:
                 continue  # aborted meanwhile, or a prefill chunk whose sample is discarded
             sample = samples[request.request_id]
             request.append_output_token(sample.token_id)

@@ -33,6 +33,20 @@ def test_seeded_request_is_batch_invariant(llm):
     assert other_seed[0].outputs[0].token_ids != alone
 
 
+def test_seeded_request_gives_the_same_text_after_preemption(model_dirs):
+    """The runner drops a preempted request's state, but its seeded generator runs on."""
+    prompts = random_prompts(seed=18, count=6, min_len=20, max_len=40)
+    params = [SamplingParams(max_tokens=24, temperature=1.0, seed=100 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    roomy = LLM(str(model_dirs["llama"]), max_model_len=64, kv_cache_memory=SMALL_CACHE)
+    alone = [roomy.generate([p], sp)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
+    tight = LLM(str(model_dirs["llama"]), max_model_len=64,
+                kv_cache_memory=8 * roomy.engine.runner.bytes_per_block)
+    together = [o.outputs[0].token_ids for o in tight.generate(prompts, params)]
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert together == alone
+
+
 def test_n_completions_differ_and_are_reproducible_with_a_seed(llm):
     prompt = random_prompts(seed=12, count=1, min_len=20, max_len=21)[0]
     params = SamplingParams(n=4, max_tokens=12, temperature=1.0, seed=7)

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from server.model_runner.sampler import Sampler, SamplingRow
+from server.model_runner.request_state import RequestState
+from server.model_runner.sampler import Sampler
 from server.outputs import SampleResult
-from server.request import Request
 from server.sampling_params import SamplingParams
 
 V = 16  # default vocab size for these tests
@@ -24,15 +24,9 @@ V = 16  # default vocab size for these tests
 # helpers
 
 
-def make_request(prompt=(0,), outputs=(), eos=(), **params) -> Request:
-    request = Request("r", list(prompt), SamplingParams(**params), eos_token_ids=eos)
-    for t in outputs:
-        request.append_output_token(t)
-    return request
-
-
-def make_row(prompt=(0,), outputs=(), eos=(), generator=None, **params) -> SamplingRow:
-    return SamplingRow(make_request(prompt, outputs, eos, **params), generator)
+def make_row(prompt=(0,), outputs=(), eos=(), generator=None, **params) -> RequestState:
+    return RequestState("r", list(prompt) + list(outputs), len(prompt), SamplingParams(**params),
+                        frozenset(eos), [], generator)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -45,7 +39,7 @@ def logits_1d(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def sample_one(values, row: SamplingRow, seed: int = 0) -> SampleResult:
+def sample_one(values, row: RequestState, seed: int = 0) -> SampleResult:
     results = Sampler(seed=seed)(logits_1d(values).unsqueeze(0), [row])
     assert len(results) == 1
     return results[0]

@@ -9,6 +9,7 @@ are checked (`_check`).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -87,16 +88,43 @@ def _check(s: Scheduler) -> None:
                 assert block.block_hash is None, (r, i)
 
 
+# The runner's view of each scheduler: request id -> (token ids, block table), kept from the
+# SchedulerOutputs alone, as the model runner keeps it.
+_RUNNER_VIEWS: weakref.WeakKeyDictionary[Scheduler, dict[str, tuple[list[int], list[int]]]] = (
+    weakref.WeakKeyDictionary())
+# The requests of each scheduler's last schedule() (an abort before update removes them from it).
+_SCHEDULED: weakref.WeakKeyDictionary[Scheduler, dict[str, Request]] = weakref.WeakKeyDictionary()
+
+
+def table(s: Scheduler, request_id: str) -> list[int]:
+    return _RUNNER_VIEWS[s][request_id][1]
+
+
 def schedule(s: Scheduler) -> SchedulerOutput:
     out = s.schedule()
     _check(s)
-    ids = [e.request.request_id for e in out.scheduled]
+    ids = [e.request_id for e in out.scheduled]
     assert len(ids) == len(set(ids))
     assert out.num_scheduled_tokens == sum(e.num_scheduled_tokens for e in out.scheduled)
     assert out.num_scheduled_tokens <= s.config.max_num_batched_tokens
+    view = _RUNNER_VIEWS.setdefault(s, {})
+    for request_id in [*out.finished_req_ids, *out.preempted_req_ids]:
+        view.pop(request_id, None)
     for e in out.scheduled:
         assert e.num_scheduled_tokens >= 1
-        assert e.block_ids == s.kv_cache.get_block_ids(e.request.request_id)
+        request = s.requests[e.request_id]
+        if e.new_request is not None:
+            assert e.request_id not in view
+            assert e.new_request.token_ids == request.all_token_ids
+            assert e.new_request.num_prompt_tokens == request.num_prompt_tokens
+            view[e.request_id] = (list(e.new_request.token_ids), list(e.new_block_ids))
+        else:
+            view[e.request_id][1].extend(e.new_block_ids)
+        tokens, block_ids = view[e.request_id]
+        assert tokens == request.all_token_ids
+        assert block_ids == s.kv_cache.get_block_ids(e.request_id)
+        assert e.samples == (e.num_computed_tokens + e.num_scheduled_tokens >= request.num_tokens)
+    _SCHEDULED[s] = {e.request_id: s.requests[e.request_id] for e in out.scheduled}
     return out
 
 
@@ -104,9 +132,13 @@ def update(s: Scheduler, out: SchedulerOutput, token_fn: TokenFn = counting,
            all_samples: bool = False) -> list[EngineCoreOutput]:
     """The fake runner: a sample for each request that reached its last token (or for every
     scheduled request with all_samples, to show that mid-prefill samples are dropped)."""
-    samples = {e.request.request_id: SampleResult(token_fn(e.request))
+    samples = {e.request_id: SampleResult(token_fn(_SCHEDULED[s][e.request_id]))
                for e in out.scheduled if all_samples or e.samples}
     outputs = s.update_from_output(out, samples)
+    view = _RUNNER_VIEWS[s]
+    for e in out.scheduled:
+        if e.samples:  # the runner appends its own samples
+            view[e.request_id][0].append(samples[e.request_id].token_id)
     _check(s)
     return outputs
 
@@ -118,7 +150,7 @@ def step(s: Scheduler, token_fn: TokenFn = counting):
 
 def plan(out: SchedulerOutput) -> list[tuple[str, int, int]]:
     """(request_id, num_computed_tokens before the step, num_scheduled_tokens) in batch order."""
-    return [(e.request.request_id, e.num_computed_tokens, e.num_scheduled_tokens)
+    return [(e.request_id, e.num_computed_tokens, e.num_scheduled_tokens)
             for e in out.scheduled]
 
 
@@ -146,7 +178,7 @@ def test_budget_split_fcfs_last_one_chunked():
     assert plan(out) == [("a", 0, 10), ("b", 0, 10), ("c", 0, 5)]
     assert out.num_scheduled_tokens == 25
     assert [e.samples for e in out.scheduled] == [True, True, False]
-    assert [len(e.block_ids) for e in out.scheduled] == [3, 3, 2]
+    assert [len(table(s, e.request_id)) for e in out.scheduled] == [3, 3, 2]
     assert [r.request_id for r in s.running] == ["a", "b", "c"]
     assert [r.request_id for r in s.waiting] == ["d"] and reqs[3].status == RequestStatus.WAITING
     outputs = update(s, out)
@@ -171,7 +203,7 @@ def test_chunked_prefill_continues_and_discards_mid_prefill_samples():
         assert plan(out) == [("a", before, num)]
         assert out.scheduled[0].samples is samples
         assert r.num_computed_tokens == before + num
-        assert len(out.scheduled[0].block_ids) == cdiv(before + num, BS)
+        assert len(table(s, out.scheduled[0].request_id)) == cdiv(before + num, BS)
         outputs = update(s, out, token_fn=lambda _r, i=i: 7 + i, all_samples=True)
         if not samples:  # the runner sampled mid-prefill; the scheduler drops it
             assert outputs == [] and r.output_token_ids == [] and r.num_tokens == 23
@@ -307,7 +339,7 @@ def test_preemption_resumes_with_prefix_hit_on_its_own_blocks():
     # a's blocks are free now; b's own cached prompt block is hit: 4 tokens need no recompute.
     assert plan(out) == [("b", 4, 4)] and out.finished_req_ids == {"a"}
     assert b.num_computed_tokens == 8
-    assert len(out.scheduled[0].block_ids) == 2
+    assert len(table(s, out.scheduled[0].request_id)) == 2
     assert [o.new_token_ids for o in outputs] == [[1004]]
     assert b.num_cached_tokens == 0 and outputs[0].num_cached_tokens == 0  # set at first admission
     finished = run_to_completion(s)
@@ -381,7 +413,7 @@ def test_prefix_hit_allocates_only_the_missing_blocks():
     out, _ = step(s)
     assert plan(out) == [("b", 8, 4)]  # 2 of 3 blocks hit; the last token is always computed
     assert b.num_cached_tokens == 8
-    assert len(out.scheduled[0].block_ids) == 3
+    assert len(table(s, out.scheduled[0].request_id)) == 3
     assert s.kv_cache.num_free_blocks == 17
 
 
@@ -394,7 +426,7 @@ def test_prefix_hit_with_chunk_caches_only_computed_blocks():
     s.add_request(req("y", prompt, max_tokens=1))
     out, _ = step(s)
     assert plan(out) == [("y", 8, 4)]
-    assert len(out.scheduled[0].block_ids) == 3
+    assert len(table(s, out.scheduled[0].request_id)) == 3
     s.add_request(req("z", prompt, max_tokens=1))
     out, _ = step(s)
     # y computes tokens 12..15 in this step; z may reuse at most those 16 tokens.

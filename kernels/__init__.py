@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from kernels import cpu_attention, cpu_fused, cpu_linear, reference, torch_attention
+from kernels.layer_ops import rms_norm, rotary, silu_and_mul
 
 try:  # the Triton modules; bound to private names, the entry points below keep the public ones
     from kernels import paged_attention as _triton_attention
@@ -75,4 +76,4 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_
 
 
 __all__ = ["BACKENDS", "attention_plan", "cpu_fused", "cpu_linear", "paged_attention",
-           "reshape_and_cache", "reference"]
+           "reshape_and_cache", "reference", "rms_norm", "rotary", "silu_and_mul"]

@@ -7,7 +7,8 @@ Everything here is optional: without a compiler (or on a failed build) `load` re
 once, with a warning, and the callers keep their torch path.
 
 Environment: PAGEDSERVE_KERNEL_CACHE (cache directory; default ~/.cache/pagedserve/kernels),
-CXX (the compiler; default c++), PAGEDSERVE_NATIVE_KERNELS=0 (never build or load them).
+CXX (the compiler; default c++). Whether they run at all is the caller's choice (the server's
+`--attention-backend torch` never loads them).
 """
 
 from __future__ import annotations
@@ -31,10 +32,6 @@ BUILD_TIMEOUT_S = 300
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
-
-
-def enabled() -> bool:
-    return os.environ.get("PAGEDSERVE_NATIVE_KERNELS", "1") != "0"
 
 
 def cache_dir() -> Path:
@@ -108,17 +105,16 @@ def load(name: str, signatures: Signatures | None = None) -> ctypes.CDLL | None:
         if name in _loaded:
             return _loaded[name]
         lib = None
-        if enabled():
-            compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-            try:
-                if compiler is None:
-                    raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-                lib = ctypes.CDLL(str(build(name, compiler)))
-                for function, (argtypes, restype) in (signatures or {}).items():
-                    getattr(lib, function).argtypes = argtypes
-                    getattr(lib, function).restype = restype
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                logger.warning("native CPU kernel %s unavailable, using the torch path: %s",
-                               name, e)
+        compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+        try:
+            if compiler is None:
+                raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+            lib = ctypes.CDLL(str(build(name, compiler)))
+            for function, (argtypes, restype) in (signatures or {}).items():
+                getattr(lib, function).argtypes = argtypes
+                getattr(lib, function).restype = restype
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            logger.warning("native CPU kernel %s unavailable, using the torch path: %s",
+                           name, e)
         _loaded[name] = lib
         return lib

@@ -62,3 +62,36 @@ def paged_attention(
         probs = torch.softmax(scores, dim=-1)
         out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
     return out
+
+
+def rms_norm(
+    x: torch.Tensor,  # [rows, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [rows, hidden]; given: residual += x, in place
+) -> torch.Tensor:
+    """RMSNorm in fp32, scaled by the weight after casting back (as transformers does); with
+    `residual`, the norm of `residual + x`, which is left in `residual`."""
+    if residual is not None:
+        residual.add_(x)
+        x = residual
+    dtype = x.dtype
+    h = x if dtype == torch.float32 else x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (h if dtype == torch.float32 else h.to(dtype))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [rows, 2n] -> [rows, n]
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def rotary(
+    x: torch.Tensor,  # [num_tokens, heads, head_dim]; any heads: q and k may go in one call
+    cos: torch.Tensor,  # [num_tokens, 1, head_dim]
+    sin: torch.Tensor,  # [num_tokens, 1, head_dim]
+) -> torch.Tensor:
+    """Half-split rotary embedding (a new tensor; the kernels may rotate x in place)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos, rotated, sin)

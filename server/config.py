@@ -15,6 +15,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 ENGINE_MODES = ("thread", "process")
+QUANTIZATIONS = ("none",)  # server/models/layers/linear.py's QUANTIZATION_METHODS
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -34,9 +35,14 @@ class ModelConfig:
     # Attention kernels: "auto" (Triton on CUDA; elsewhere "cpu" where its compiled kernel builds,
     # else "torch"), "triton", "cpu" (torch path + compiled fp32 decode kernel) or "torch".
     attention_backend: str = "auto"
+    # Decode-only steps of few sequences in one compiled CPU kernel call (fp32, where it builds).
+    compiled_decode: bool = True
+    # The linear layers' weight format (a LinearMethod); "none": the checkpoint's own dtype.
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("quantization", self.quantization, QUANTIZATIONS)
         _check_choice("device", self.device, DEVICES)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -48,6 +54,8 @@ class CacheConfig:
     block_size: int = 16
     # Bytes of K/V cache across all layers. None: 1 GiB on CPU.
     kv_cache_memory: int | None = None
+    # KV-cache blocks; set, it overrides kv_cache_memory.
+    num_blocks: int | None = None
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
@@ -55,6 +63,8 @@ class CacheConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
 
 
 # The token budget of a step where none is given, by device type. CPU: a 2048-token step of
@@ -113,6 +123,13 @@ class EngineConfig:
             cache=CacheConfig(**groups[CacheConfig]),  # type: ignore[arg-type]
             scheduler=SchedulerConfig(**groups[SchedulerConfig]),  # type: ignore[arg-type]
         )
+
+
+def describe(config: EngineConfig) -> str:
+    """Every field as name=value, for the start-up log."""
+    return ", ".join(f"{f.name}={getattr(group, f.name)!r}"
+                     for group in (config.model, config.cache, config.scheduler)
+                     for f in dataclasses.fields(group))
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,17 @@ from server.config import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEVICES,
     DTYPES,
+    QUANTIZATIONS,
     CacheConfig,
     ModelConfig,
     SchedulerConfig,
 )
 
 # The config fields `add_engine_flags` makes flags of (each flag's dest is the field's name).
-ENGINE_FLAG_FIELDS = ("dtype", "device", "attention_backend", "max_model_len", "block_size",
-                      "kv_cache_memory", "enable_prefix_caching", "max_num_seqs",
-                      "max_num_batched_tokens", "long_prefill_token_threshold")
+ENGINE_FLAG_FIELDS = ("dtype", "device", "attention_backend", "compiled_decode", "quantization",
+                      "max_model_len", "block_size", "kv_cache_memory", "num_blocks",
+                      "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens",
+                      "long_prefill_token_threshold")
 
 
 def default_of(config_class: type, name: str) -> object:
@@ -51,7 +53,15 @@ def add_engine_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
                         choices=ATTENTION_BACKENDS,
                         help="attention kernels: auto is Triton on CUDA and elsewhere cpu (the "
                              "torch path with a compiled fp32 decode kernel, built on first use "
-                             "with the C++ compiler) or, without a compiler, torch")
+                             "with the C++ compiler) or, without a compiler, torch; torch "
+                             "runs torch ops only, no compiled CPU kernel")
+    parser.add_argument("--compiled-decode", action=argparse.BooleanOptionalAction,
+                        default=default_of(ModelConfig, "compiled_decode"),
+                        help="run decode-only steps of 1-64 sequences in one compiled CPU "
+                             "kernel call (fp32 Llama-family models)")
+    parser.add_argument("--quantization", default=default_of(ModelConfig, "quantization"),
+                        choices=QUANTIZATIONS,
+                        help="weight format of the linear layers (none: the checkpoint's)")
     parser.add_argument("--max-model-len", type=int,
                         default=default_of(ModelConfig, "max_model_len"),
                         help="context length cap (default: the model's)")
@@ -61,6 +71,8 @@ def add_engine_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
                         default=default_of(CacheConfig, "kv_cache_memory"),
                         help="bytes of KV cache (default: 1 GiB on CPU, 85%% of free memory "
                              "on CUDA)")
+    parser.add_argument("--num-blocks", type=int, default=default_of(CacheConfig, "num_blocks"),
+                        help="KV-cache blocks; overrides --kv-cache-memory")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=default_of(CacheConfig, "enable_prefix_caching"),
                         help="reuse the KV blocks of shared prompt prefixes")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
 import time
 from typing import Any
 
@@ -19,6 +20,46 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class NotHealthy(RuntimeError):
+    pass
+
+
+def wait_healthy(base_url: str, timeout: float = 60.0,
+                 proc: subprocess.Popen | None = None) -> list[int]:
+    """Poll GET /health until it answers 200; return every status it answered (the last one
+    the 200). Raises NotHealthy after `timeout` s, as soon as `proc` (the server's process) has
+    exited, or as soon as /health reports that the engine failed to start."""
+    statuses: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise NotHealthy(f"the server exited with {proc.returncode} before /health said 200")
+        try:
+            r = httpx.get(f"{base_url}/health", timeout=2)
+        except httpx.HTTPError:
+            pass  # not listening yet
+        else:
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                return statuses
+            if "failed to start" in r.text:
+                raise NotHealthy(f"/health answered {r.status_code}: {r.text}")
+        time.sleep(0.05)
+    raise NotHealthy(f"{base_url}/health did not say 200 within {timeout} s "
+                     f"(it answered {sorted(set(statuses))})")
+
+
+def assert_exits_cleanly(proc: subprocess.Popen, log, timeout: float = 30.0) -> None:
+    """`proc` (a server sent SIGTERM) exits 0 within `timeout`, with no traceback in `log()`."""
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the server did not exit within {timeout} s of SIGTERM:\n"
+                             f"{log()[-3000:]}") from None
+    assert rc == 0, log()[-3000:]
+    assert "Traceback" not in log(), log()[-3000:]
 
 
 def parse_prometheus(text: str) -> dict[str, float]:

@@ -14,15 +14,16 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 import torch
 
 from kernels import cpu_decoder
-from server.models.arch_config import ArchConfig
+from server.config import ModelConfig
+from server.model_runner.cpu import KernelChoice, compiled_decode_step
+from server.models.base import ModelOptions
 from server.models.layers.linear import pack_linear_weights
-from server.models.llama import DecoderLayer, LlamaModel, use_compiled_decode, use_fused_cpu_ops
 from server.models.loader import load_model
+from server.models.registry import read_arch_config
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -37,40 +38,40 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 def measure(model_dir: Path, batch_size: int, context: int, block_size: int = 16,
             repeats: int = 10, seed: int = 0) -> dict[str, float]:
-    arch = ArchConfig.from_model_dir(model_dir)
-    model = load_model(model_dir, arch, torch.float32, torch.device("cpu"),
-                       max_position=max(context, arch.max_position_embeddings))
-    use_fused_cpu_ops(model)
+    arch = read_arch_config(model_dir)
+    options = ModelOptions(max_position=max(context, arch.max_position_embeddings),
+                           kernel_backend="cpu")
+    model = load_model(model_dir, arch, options, torch.device("cpu"))
     pack_linear_weights(model, small=True)
-    if not use_compiled_decode(model):
-        raise SystemExit("the compiled decode step is not available here (no C++ compiler?)")
     gen = torch.Generator().manual_seed(seed)
     width = -(-context // block_size)
     num_blocks = batch_size * width
     shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
     caches = [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
               for _ in range(arch.num_layers)]
+    step_config = ModelConfig(model=str(model_dir), attention_backend="cpu")
+    compiled, reason = compiled_decode_step(model, step_config,
+                                            KernelChoice("cpu", "cpu", native=True), caches)
+    if compiled is None:
+        raise SystemExit(f"the compiled decode step is not available here: {reason}")
     table = torch.randperm(num_blocks, generator=gen).view(batch_size, width).to(torch.int32)
     lens = torch.full((batch_size,), context, dtype=torch.int32)
     positions = lens.long() - 1
     slots = (table[torch.arange(batch_size), positions // block_size].long() * block_size
              + positions % block_size)
-    inner = cast(LlamaModel, model.model)
-    tensors = inner._decoder_tensors(caches)
     hidden = torch.randn(batch_size, arch.hidden_size, generator=gen)
-    cos, sin = inner.rotary.cos_sin(positions, torch.float32)
-    attn = cast(DecoderLayer, inner.layers[0]).self_attn
+    export = compiled.export
+    cos, sin = export.rotary.cos_sin(positions, torch.float32)
     ones = torch.ones(batch_size, dtype=torch.int32)
 
     def step(seq_lens: torch.Tensor) -> torch.Tensor:
-        return cpu_decoder.decode_step(tensors, hidden, cos, sin, slots, table, seq_lens,
-                                       attn.scale, attn.sliding_window)
+        return cpu_decoder.decode_step(compiled.tensors, hidden, cos, sin, slots, table,
+                                       seq_lens, export.scale, export.sliding_window)
 
     with torch.inference_mode():
         full = median_ms(lambda: step(lens), repeats)
         short = median_ms(lambda: step(ones), repeats)
-        logits = median_ms(lambda: model.compute_logits(hidden),  # type: ignore[operator]
-                           repeats)
+        logits = median_ms(lambda: model.compute_logits(hidden), repeats)
     return {"step_ms": full, "step_1_token_ms": short, "attention_ms": full - short,
             "logits_ms": logits}
 

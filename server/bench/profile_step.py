@@ -68,7 +68,7 @@ def phase_times(engine, steps: int) -> tuple[float, dict[str, float]]:
     runner, scheduler = engine.runner, engine.scheduler
     undo = [_wrap(scheduler, "schedule", totals, "schedule"),
             _wrap(runner, "_prepare", totals, "prepare"),
-            _wrap(runner.model, "forward", totals, "forward"),
+            _wrap(runner, "_forward", totals, "forward"),
             _wrap(runner.model, "compute_logits", totals, "logits"),
             _wrap(runner, "sampler", totals, "sample"),
             _wrap(scheduler, "update_from_output", totals, "update")]

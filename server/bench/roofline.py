@@ -43,6 +43,7 @@ import torch
 from server.bench.args import parse_ints
 from server.config import DTYPES
 from server.models.arch_config import ArchConfig
+from server.models.registry import read_arch_config
 
 _DTYPES = {name: getattr(torch, name) for name in DTYPES if name != "auto"}
 _GB = 1e9
@@ -292,7 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    arch = ArchConfig.from_model_dir(Path(args.model))
+    arch = read_arch_config(Path(args.model))
     dtype_name = arch.torch_dtype if args.dtype == "auto" else args.dtype
     if dtype_name not in _DTYPES:
         raise ValueError(f"unsupported dtype {dtype_name!r}")

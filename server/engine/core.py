@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from server.config import EngineConfig
+from server.config import EngineConfig, describe
 from server.engine.protocol import ModelInfo
 from server.kv_cache.manager import KVCacheManager
-from server.model_runner.runner import ModelRunner
-from server.models.arch_config import ArchConfig
+from server.model_runner.runner import ModelRunner, effective_config
 from server.models.errors import ModelLoadError
 from server.models.loader import read_generation_defaults
+from server.models.registry import read_arch_config
 from server.outputs import EngineCoreOutput, EngineStats
 from server.request import Request, RequestStatus
 from server.sampling_params import SamplingParams
@@ -26,7 +26,7 @@ class EngineCore:
         self.model_dir = Path(config.model.model)
         if not self.model_dir.is_dir():
             raise ModelLoadError(f"model directory {self.model_dir} does not exist")
-        self.arch = ArchConfig.from_model_dir(self.model_dir)
+        self.arch = read_arch_config(self.model_dir)
         self.max_model_len = config.model.max_model_len or self.arch.max_position_embeddings
         if self.max_model_len > self.arch.max_position_embeddings:
             raise ModelLoadError(
@@ -34,10 +34,11 @@ class EngineCore:
                 f"(max_position_embeddings={self.arch.max_position_embeddings})")
         self.generation = read_generation_defaults(self.model_dir)
         self.runner = ModelRunner(config, self.arch, self.model_dir, self.max_model_len)
+        self.config = effective_config(config, self.runner, self.max_model_len)
+        logger.info("engine config in effect: %s", describe(self.config))
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler.for_device(self.runner.device.type),
-                                   self.kv_cache, self.max_model_len)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv_cache, self.max_model_len)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: list[int],

@@ -3,22 +3,23 @@ flattened forward pass, and samples for the requests whose last token was schedu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 import kernels
-from server.config import EngineConfig
+from server.config import DTYPES, EngineConfig
+from server.model_runner.cpu import choose_kernels, compiled_decode_step, pack_for_cpu
 from server.model_runner.cpu_allocator import keep_freed_memory_mapped
 from server.model_runner.request_state import RequestState
 from server.model_runner.sampler import Sampler
 from server.models.arch_config import ArchConfig
 from server.models.attention_metadata import AttentionMetadata
+from server.models.base import ModelOptions
 from server.models.errors import ModelLoadError
-from server.models.layers.linear import SMALL_ROWS, Linear, pack_linear_weights
-from server.models.llama import COMPILED_DECODE_ROWS, use_compiled_decode, use_fused_cpu_ops
+from server.models.layers.linear import get_linear_method
 from server.models.loader import load_model, resolve_dtype
 from server.outputs import SampleResult
 from server.scheduler.output import SchedulerOutput
@@ -58,6 +59,22 @@ def _available_memory_bytes(proc: str = "/proc/meminfo",
     return min(limits) if limits else None
 
 
+def effective_config(config: EngineConfig, runner: ModelRunner,
+                     max_model_len: int) -> EngineConfig:
+    """`config` with what start-up resolved: the context length, dtype, device, kernels, block
+    count (and the memory it takes) and the step's token budget."""
+    dtype = next(name for name in DTYPES if name != "auto"
+                 and resolve_dtype(name, runner.arch) == runner.dtype)
+    model = dataclasses.replace(
+        config.model, max_model_len=max_model_len, dtype=dtype, device=runner.device.type,
+        attention_backend=runner.kernels.attention_backend,
+        compiled_decode=runner.compiled_step is not None)
+    cache = dataclasses.replace(config.cache, num_blocks=runner.num_blocks,
+                                kv_cache_memory=runner.num_blocks * runner.bytes_per_block)
+    return dataclasses.replace(config, model=model, cache=cache,
+                               scheduler=config.scheduler.for_device(runner.device.type))
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, arch: ArchConfig, model_dir: Path,
                  max_model_len: int) -> None:
@@ -69,42 +86,32 @@ class ModelRunner:
         if self.device.type == "cpu":
             keep_freed_memory_mapped()
         self.dtype = resolve_dtype(config.model.dtype, arch)
-        self.model = load_model(model_dir, arch, self.dtype, self.device,
-                                max_position=max(max_model_len, arch.max_position_embeddings))
+        self.kernels = choose_kernels(config.model, self.device, self.dtype)
+        options = ModelOptions(max_position=max(max_model_len, arch.max_position_embeddings),
+                               dtype=self.dtype,
+                               linear_method=get_linear_method(config.model.quantization),
+                               kernel_backend=self.kernels.kernel_backend)
+        self.model = load_model(model_dir, arch, options, self.device)
+        packed = "none (not on CPU)"
         if self.device.type == "cpu":
-            compiled = config.model.attention_backend in ("auto", "cpu")
-            if compiled:
-                self._use_compiled_cpu_kernels()
             # The packed copies may take at most half of the memory still available.
             budget = _available_memory_bytes()
-            count = pack_linear_weights(self.model, None if budget is None else budget // 2,
-                                        small=compiled and kernels.cpu_linear.available())
-            small = sum(1 for m in self.model.modules() if isinstance(m, Linear)
-                        and m.packed is not None and m.packed.small is not None)
-            logger.info("prepacked %d linear weights for CPU GEMMs (%d with a copy for %d-%d "
-                        "rows)", count, small, *SMALL_ROWS)
-            if (compiled and os.environ.get("PAGEDSERVE_COMPILED_DECODE", "1") != "0"
-                    and use_compiled_decode(self.model)):  # it checks the model is fp32
-                logger.info("compiled decode step: decode-only steps of 1-%d sequences run "
-                            "every layer in one kernel call", COMPILED_DECODE_ROWS)
-        self.num_blocks = self._num_blocks_from_budget()
+            packed = pack_for_cpu(self.model, self.kernels, None if budget is None
+                                  else budget // 2)
+        self.num_blocks = self._num_blocks()
         shape = (self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(arch.num_layers)]
+        self.compiled_step, compiled = compiled_decode_step(self.model, config.model,
+                                                            self.kernels, self.kv_caches)
+        self.paths = (f"attention {self.kernels.attention_backend}, fused layer ops "
+                      f"{'on' if self.kernels.fused_ops else 'off'}, linear weights {packed}, "
+                      f"compiled decode step {compiled}")
+        logger.info("kernels: %s", self.paths)
         self.sampler = Sampler(seed=config.model.seed)
         self._states: dict[str, RequestState] = {}
         self._generators: dict[str, torch.Generator] = {}
-
-    def _use_compiled_cpu_kernels(self) -> None:
-        """Build (or load from the cache) the compiled CPU kernels now rather than in the first
-        request, and route the fp32 layers' element-wise steps through the fused ones."""
-        attention = kernels.cpu_attention.available()
-        fused = (self.dtype == torch.float32 and kernels.cpu_fused.available()
-                 and use_fused_cpu_ops(self.model) > 0)
-        if attention or fused:
-            logger.info("compiled CPU kernels: decode attention %s, fused layer ops %s",
-                        "on (fp32)" if attention else "off", "on" if fused else "off")
 
     @property
     def bytes_per_block(self) -> int:
@@ -112,23 +119,28 @@ class ModelRunner:
         return (2 * self.arch.num_layers * self.block_size * self.arch.num_kv_heads
                 * self.arch.head_dim * elem)
 
-    def _num_blocks_from_budget(self) -> int:
-        budget = self.config.cache.kv_cache_memory
-        if budget is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * 0.85)
-            else:
-                budget = DEFAULT_CPU_KV_CACHE_MEMORY
-        num_blocks = budget // self.bytes_per_block
+    def _num_blocks(self) -> int:
         blocks_per_seq = -(-self.max_model_len // self.block_size)
+        num_blocks = self.config.cache.num_blocks
+        if num_blocks is not None:
+            what, knob = f"num_blocks={num_blocks} is", "num_blocks"
+        else:
+            budget = self.config.cache.kv_cache_memory
+            if budget is None:
+                if self.device.type == "cuda":
+                    free, _ = torch.cuda.mem_get_info(self.device)
+                    budget = int(free * 0.85)
+                else:
+                    budget = DEFAULT_CPU_KV_CACHE_MEMORY
+            num_blocks = budget // self.bytes_per_block
+            what = f"kv_cache_memory={budget} bytes holds {num_blocks} blocks, which is"
+            knob = "kv_cache_memory"
         if num_blocks < blocks_per_seq:
             raise ModelLoadError(
-                f"kv_cache_memory={budget} bytes holds {num_blocks} blocks of "
-                f"{self.block_size} tokens, fewer than one sequence of max_model_len="
-                f"{self.max_model_len} needs ({blocks_per_seq} blocks, "
-                f"{blocks_per_seq * self.bytes_per_block} bytes); raise kv_cache_memory or "
-                f"lower max_model_len")
+                f"{what} fewer blocks of {self.block_size} tokens than one sequence of "
+                f"max_model_len={self.max_model_len} needs ({blocks_per_seq} blocks, "
+                f"{blocks_per_seq * self.bytes_per_block} bytes); raise {knob} or lower "
+                f"max_model_len")
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB); max concurrency at "
                     "max_model_len=%d: %.2f sequences", num_blocks, self.block_size,
                     num_blocks * self.bytes_per_block / 2**20, self.max_model_len,
@@ -161,16 +173,14 @@ class ModelRunner:
                         + positions % self.block_size)
         seq_lens = torch.tensor(starts, dtype=torch.int32) + q_lens.to(torch.int32)
         dev = self.device
+        query_start_loc, seq_lens, table = (query_start_loc.to(torch.int32).to(dev),
+                                            seq_lens.to(dev), table.to(dev))
+        backend = self.kernels.attention_backend
         md = AttentionMetadata(
-            query_start_loc=query_start_loc.to(torch.int32).to(dev),
-            seq_lens=seq_lens.to(dev),
-            block_table=table.to(dev),
-            slot_mapping=slot_mapping.to(dev),
-            attention_backend=self.config.model.attention_backend,
-        )
-        md.plan = kernels.attention_plan(md.block_table, md.seq_lens, md.query_start_loc,
-                                         self.block_size, self.arch.sliding_window,
-                                         backend=md.attention_backend)
+            query_start_loc=query_start_loc, seq_lens=seq_lens, block_table=table,
+            slot_mapping=slot_mapping.to(dev), attention_backend=backend,
+            plan=kernels.attention_plan(table, seq_lens, query_start_loc, self.block_size,
+                                        self.arch.sliding_window, backend=backend))
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         return input_ids, positions.to(dev), md
 
@@ -199,13 +209,20 @@ class ModelRunner:
             elif entry.new_block_ids:
                 self._states[entry.request_id].block_ids.extend(entry.new_block_ids)
 
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 md: AttentionMetadata) -> torch.Tensor:
+        """The model's forward, or the compiled decode step where it applies."""
+        if self.compiled_step is not None and self.compiled_step.applies(len(input_ids), md):
+            return self.compiled_step(input_ids, positions, md)
+        return self.model(input_ids, positions, self.kv_caches, md)
+
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> dict[str, SampleResult]:
         self._update_states(output)
         if output.empty:
             return {}
         input_ids, positions, md = self._prepare(output)
-        hidden = self.model(input_ids, positions, self.kv_caches, md)
+        hidden = self._forward(input_ids, positions, md)
         rows, last_indices = [], []
         for i, entry in enumerate(output.scheduled):
             if entry.samples:
@@ -214,7 +231,7 @@ class ModelRunner:
         if not rows:
             return {}
         logits_index = md.query_start_loc[1:][torch.tensor(last_indices, device=self.device)] - 1
-        logits = self.model.compute_logits(hidden[logits_index.long()])  # type: ignore[operator]
+        logits = self.model.compute_logits(hidden[logits_index.long()])
         results = self.sampler(logits, rows)
         for row, result in zip(rows, results):
             row.token_ids.append(result.token_id)

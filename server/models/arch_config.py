@@ -1,4 +1,8 @@
-"""The architecture hyper-parameters we need, read from a model directory's config.json."""
+"""The hyper-parameters of a Llama-shaped decoder, and the generic reading of config.json.
+
+`ArchConfig.from_dict` reads the fields every Llama-family config has; a family's
+`parse_config` (models/base.py) calls it and sets what is its own (registry.read_arch_config).
+"""
 
 from __future__ import annotations
 
@@ -34,11 +38,10 @@ class ArchConfig:
     hidden_act: str
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ArchConfig:
-        archs = raw.get("architectures") or []
-        if not archs:
-            raise ModelLoadError("config.json has no 'architectures' entry")
-        arch = archs[0]
+    def from_dict(cls, raw: dict[str, Any], **family: Any) -> ArchConfig:
+        """The Llama reading of config.json; `family`: fields a family sets itself (qkv_bias,
+        qk_norm, sliding_window, ...)."""
+        arch = architecture_of(raw)
         try:
             hidden_size = int(raw["hidden_size"])
             num_heads = int(raw["num_attention_heads"])
@@ -46,14 +49,13 @@ class ArchConfig:
             scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default")
                                                   != "default" else None)
             attention_bias = bool(raw.get("attention_bias", False))
-            qwen2 = arch == "Qwen2ForCausalLM"
             if raw.get("use_sliding_window"):
                 raise ModelLoadError(f"{arch} with use_sliding_window=true is not supported")
             hidden_act = str(raw.get("hidden_act", "silu"))
             if hidden_act != "silu":  # the MLP (and the compiled CPU kernels) compute SiLU
                 raise ModelLoadError(f"{arch} with hidden_act={hidden_act!r} is not supported "
                                      f"(only 'silu')")
-            return cls(
+            fields: dict[str, Any] = dict(
                 architecture=arch,
                 vocab_size=int(raw["vocab_size"]),
                 hidden_size=hidden_size,
@@ -67,28 +69,17 @@ class ArchConfig:
                 rope_scaling=dict(scaling) if scaling else None,
                 max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                qkv_bias=True if qwen2 else attention_bias,
-                o_bias=False if qwen2 else attention_bias,
+                qkv_bias=attention_bias,
+                o_bias=attention_bias,
                 mlp_bias=bool(raw.get("mlp_bias", False)),
-                qk_norm=arch == "Qwen3ForCausalLM",
-                sliding_window=(int(raw["sliding_window"]) if arch == "MistralForCausalLM"
-                                and raw.get("sliding_window") else None),
+                qk_norm=False,
+                sliding_window=None,
                 torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
                 hidden_act=hidden_act,
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json is missing the field {e.args[0]!r}") from None
-
-    @classmethod
-    def from_model_dir(cls, model_dir: Path) -> ArchConfig:
-        path = model_dir / "config.json"
-        if not path.is_file():
-            raise ModelLoadError(f"no config.json in {model_dir}")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(raw)
+        return cls(**{**fields, **family})
 
     @property
     def rope_type(self) -> str:
@@ -96,3 +87,23 @@ class ArchConfig:
             return "default"
         return str(self.rope_scaling.get("rope_type") or self.rope_scaling.get("type")
                    or "default")
+
+
+def architecture_of(raw: dict[str, Any]) -> str:
+    archs = raw.get("architectures") or []
+    if not archs:
+        raise ModelLoadError("config.json has no 'architectures' entry")
+    return str(archs[0])
+
+
+def read_config_json(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"no config.json in {model_dir}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return raw

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from torch import nn
 from tqdm import tqdm
 
 from server.models.arch_config import ArchConfig
+from server.models.base import CausalLM, ModelOptions
 from server.models.errors import ModelLoadError
-from server.models.layers.rotary import RotaryEmbedding
 from server.models.registry import resolve_model_class
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Checkpoint tensors we know and do not need.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @dataclass(frozen=True)
@@ -63,56 +62,13 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-class _WeightLoader:
-    """Copies checkpoint tensors into the model, splitting them into fused parameters."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.params = dict(model.named_parameters())
-        self.fused: dict[str, tuple[str, int]] = getattr(model, "fused_params", {})
-        fused_names = {fused for fused, _ in self.fused.values()}
-        # Every (parameter, shard) the checkpoint must provide; shard None: the whole tensor.
-        self.expected: set[tuple[str, int | None]] = set()
-        for name in self.params:
-            owner = name.split(".")[-2] if "." in name else ""
-            if owner in fused_names:
-                count = len(model.shard_sizes(owner))  # type: ignore[operator]
-                self.expected.update((name, i) for i in range(count))
-            else:
-                self.expected.add((name, None))
-        self.loaded: set[tuple[str, int | None]] = set()
-
-    def load(self, name: str, tensor: torch.Tensor) -> None:
-        if name.endswith(_IGNORED_SUFFIXES):
-            return
-        if name == "lm_head.weight" and name not in self.params:
-            return  # tied embeddings: some checkpoints still carry the copy
-        parts = name.split(".")
-        target, shard = name, None
-        if len(parts) >= 2 and parts[-2] in self.fused:
-            fused_name, shard = self.fused[parts[-2]]
-            target = ".".join(parts[:-2] + [fused_name, parts[-1]])
-        param = self.params.get(target)
-        if param is None:
-            raise ModelLoadError(f"unexpected tensor {name!r} in the checkpoint")
-        dest = param.data
-        if shard is not None:
-            sizes = self.model.shard_sizes(fused_name)  # type: ignore[operator]
-            dest = dest.narrow(0, sum(sizes[:shard]), sizes[shard])
-        if tuple(dest.shape) != tuple(tensor.shape):
-            raise ModelLoadError(f"shape mismatch for {name!r}: the checkpoint has "
-                                 f"{tuple(tensor.shape)}, the config implies {tuple(dest.shape)}")
-        with torch.no_grad():
-            dest.copy_(tensor)
-        self.loaded.add((target, shard))
-
-    def check_complete(self, model_dir: Path) -> None:
-        missing = sorted(f"{name}" if shard is None else f"{name}[shard {shard}]"
-                         for name, shard in self.expected - self.loaded)
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)"
-                                              if len(missing) > 5 else "")
-            raise ModelLoadError(f"the checkpoint in {model_dir} lacks tensors: {shown}")
+def _check_complete(model: CausalLM, loaded: set, model_dir: Path) -> None:
+    missing = sorted(name if shard is None else f"{name}[shard {shard}]"
+                     for name, shard in model.expected_weights() - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)"
+                                          if len(missing) > 5 else "")
+        raise ModelLoadError(f"the checkpoint in {model_dir} lacks tensors: {shown}")
 
 
 def _open_weights(path: Path):
@@ -124,24 +80,24 @@ def _open_weights(path: Path):
         raise ModelLoadError(f"cannot read the weights file {path}: {e}") from None
 
 
-def load_model(model_dir: Path, arch: ArchConfig, dtype: torch.dtype, device: torch.device,
-               max_position: int) -> nn.Module:
+def load_model(model_dir: Path, arch: ArchConfig, options: ModelOptions,
+               device: torch.device) -> CausalLM:
+    """The family's model built on `device` with empty parameters, filled from the checkpoint
+    by each parameter's weight_loader; every parameter must be filled."""
     model_cls = resolve_model_class(arch.architecture)
     files = _weight_files(model_dir)
-    with torch.device("meta"):
-        model = model_cls(arch, max_position)  # type: ignore[call-arg]
-    model = model.to_empty(device=device).to(dtype=dtype)
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.build_tables(device)
-    loader = _WeightLoader(model)
+    with torch.device(device):
+        model = model_cls(arch, options)
     names: list[tuple[Path, str]] = []
     for path in files:
         names.extend((path, name) for name in _open_weights(path).keys())
-    current: tuple[Path, object] | None = None
-    for path, name in tqdm(names, desc="Loading weights", unit="tensor", leave=False):
-        if current is None or current[0] != path:
-            current = (path, _open_weights(path))
-        loader.load(name, current[1].get_tensor(name))  # type: ignore[attr-defined]
-    loader.check_complete(model_dir)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        current: tuple[Path, Any] | None = None
+        for path, name in tqdm(names, desc="Loading weights", unit="tensor", leave=False):
+            if current is None or current[0] != path:
+                current = (path, _open_weights(path))
+            yield name, current[1].get_tensor(name)
+
+    _check_complete(model, model.load_weights(tensors()), model_dir)
     return model.eval()

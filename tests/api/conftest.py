@@ -7,16 +7,14 @@ one with other fake-core or server settings."""
 from __future__ import annotations
 
 import threading
-import time
 
-import httpx
 import pytest
 import uvicorn
 
 from server.api.app import build_app
 from server.config import EngineConfig, ServerConfig
 from server.engine.fake import FakeEngineClient, FakeEngineCore
-from tests.http_client import ServerClient, free_port
+from tests.http_client import ServerClient, free_port, wait_healthy
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -40,15 +38,8 @@ class FakeServer(ServerClient):
 
     def start(self) -> FakeServer:
         self._thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError("the fake server did not become healthy")
+        wait_healthy(self.base_url)
+        return self
 
     def stop(self) -> None:
         self.core.resume()

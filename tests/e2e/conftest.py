@@ -24,15 +24,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from server.assets import BUNDLED_MODEL_DIR
-from tests.http_client import ServerClient, free_port
+from tests.http_client import NotHealthy, ServerClient, free_port, wait_healthy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KV_CACHE_BYTES = "50000000"
@@ -82,23 +80,12 @@ class Server(ServerClient):
         self._log_file.flush()
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=self._log_file,
                                      stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerError(f"server {self.name} exited with {self.proc.returncode} "
-                                  f"during start-up:\n{self.log_tail()}")
-            try:
-                status = httpx.get(f"{self.base_url}/health", timeout=2).status_code
-            except httpx.HTTPError:
-                pass  # not listening yet
-            else:
-                self.health_statuses.append(status)
-                if status == 200:
-                    return self
-            time.sleep(0.2)
-        self.stop()
-        raise ServerError(f"server {self.name} not healthy after {STARTUP_TIMEOUT_S} s:\n"
-                          f"{self.log_tail()}")
+        try:
+            self.health_statuses = wait_healthy(self.base_url, STARTUP_TIMEOUT_S, self.proc)
+        except NotHealthy as e:
+            self.stop()
+            raise ServerError(f"server {self.name}: {e}:\n{self.log_tail()}") from None
+        return self
 
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc is not None and self.proc.poll() is None:

@@ -1,17 +1,18 @@
 """Operations on the real engine: concurrent streams match their solo runs, a client leaving
-frees its KV blocks, graceful SIGTERM. The waiting-queue limit (429) and disconnects aborting
-requests run over the fake engine (tests/api)."""
+frees its KV blocks, an idle server exits 0 on SIGTERM. The waiting-queue limit (429),
+disconnects aborting requests and SIGTERM with a stream in flight run over the fake engine
+(tests/api)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import time
 
 import httpx
 import openai
 import pytest
+
+from tests.http_client import assert_exits_cleanly
 
 PROMPT = "Once upon a time"
 C = "/v1/completions"
@@ -100,7 +101,7 @@ def test_32_concurrent_streams_match_their_solo_runs(server):
 
 # ---------------------------------------------------------------------- disconnects
 # That a disconnect aborts the request in the engine is shown over the fake engine
-# (tests/api/test_operations.py), where the request cannot end first. Here, on the real engine:
+# (tests/api/test_api_operations.py), where the request cannot end first. Here, on the real engine:
 # whenever the client leaves, every block comes back and nothing is logged as an error.
 LONG = {"max_tokens": 480, "ignore_eos": True, "temperature": 0.8, "stream": True}
 
@@ -139,36 +140,13 @@ def test_abandoned_request_is_not_a_server_error(server):
 
 
 # ---------------------------------------------------------------------- SIGTERM
-def test_sigterm_finishes_in_flight_streams_then_exits_0(fresh_server):
+# A stream in flight at SIGTERM is finished first: shown over the fake engine
+# (tests/api/test_sigterm.py), where the stream cannot end before the signal.
+def test_idle_server_exits_0_on_sigterm(fresh_server):
     s = fresh_server
     # While the engine loaded, /health said 503 (not ready), never anything else.
     assert set(s.health_statuses) <= {200, 503} and s.health_statuses[-1] == 200
-    body = {"model": s.model_name, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    with s.client(timeout=60) as c, c.stream("POST", C, json=body) as r:
-        assert r.status_code == 200
-        lines = r.iter_lines()
-        first = _first_data_line(lines)
-        s.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        # no new requests once shutting down
-        try:
-            late = httpx.post(s.base_url + C, json={"prompt": PROMPT, "max_tokens": 1},
-                              timeout=5)
-        except httpx.TransportError:
-            late = None
-        if late is not None:
-            s.assert_error(late, 503, check_param=False)
-        rest = [line for line in lines]
-    raw = "\n\n".join([first] + [line for line in rest if line]) + "\n\n"
-    chunks = s.parse_sse(raw)
-    usage = chunks[-1]["usage"]
-    assert usage["completion_tokens"] == 200
-    finish = [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]]
-    assert finish[-1] == "length"
-    try:
-        rc = s.proc.wait(timeout=30)
-    except Exception:  # noqa: BLE001
-        pytest.fail(f"the server did not exit within 30 s of SIGTERM:\n{s.log_tail()}")
-    assert rc == 0, s.log_tail()
-    assert json.loads(first[len("data: "):])["id"] == chunks[-1]["id"]
+    assert s.complete(prompt=PROMPT, max_tokens=4)["choices"][0]["finish_reason"]
+    s.wait_idle()
+    s.proc.send_signal(signal.SIGTERM)
+    assert_exits_cleanly(s.proc, s.log_text)

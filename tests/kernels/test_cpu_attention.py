@@ -145,11 +145,6 @@ def test_failed_build_falls_back_with_one_warning(scratch_source, tmp_path, monk
     assert not list((tmp_path / "cache").glob("*.so"))  # no half-written library left
 
 
-def test_disabled_by_environment(scratch_source, monkeypatch):
-    monkeypatch.setenv("PAGEDSERVE_NATIVE_KERNELS", "0")
-    assert native.load("answer") is None
-
-
 @needs_compiler
 @pytest.mark.parametrize("damage,match", [
     (lambda b: b.block_table.__setitem__((0, 0), b.key_cache.shape[0]), "outside"),

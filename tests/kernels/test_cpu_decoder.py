@@ -1,33 +1,39 @@
-"""kernels.cpu_decoder (kernels/csrc/decoder_cpu.cpp): a whole decode step against the model's
-own layer-by-layer forward (server/models/llama.py), for Llama, Qwen2 (qkv bias) and Qwen3
-(q/k norm) shapes, GQA, sliding windows and head sizes with and without a compiled-in size."""
+"""kernels.cpu_decoder (kernels/csrc/decoder_cpu.cpp), run as the model runner's compiled decode
+step (server/model_runner/cpu.py) over a model's export_decoder, against the model's own
+layer-by-layer forward, for Llama, Qwen2 (qkv bias), Qwen3 (q/k norm) and Mistral (sliding
+window) shapes, GQA and head sizes with and without a compiled-in size."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 import kernels
 from kernels import cpu_decoder
-from server.models.arch_config import ArchConfig
-from server.models.attention_metadata import AttentionMetadata
-from server.models.layers.linear import pack_linear_weights
-from server.models.llama import (
+from server.config import ModelConfig
+from server.model_runner.cpu import (
     COMPILED_DECODE_ROWS,
-    LlamaForCausalLM,
-    use_compiled_decode,
-    use_fused_cpu_ops,
+    CompiledDecodeStep,
+    KernelChoice,
+    compiled_decode_step,
 )
+from server.models.attention_metadata import AttentionMetadata
+from server.models.base import CausalLM, ModelOptions
+from server.models.layers.linear import pack_linear_weights
+from server.models.registry import parse_arch_config, resolve_model_class
 from tests.kernels.test_cpu_attention import needs_compiler
 
 pytestmark = needs_compiler
 
 BLOCK_SIZE, NUM_BLOCKS = 4, 160
+CPU = KernelChoice("cpu", "cpu", native=True)
 
 
 def make_model(arch: str = "LlamaForCausalLM", head_dim: int = 16, heads: int = 4,
                kv_heads: int = 2, layers: int = 2, sliding_window: int | None = None,
-               seed: int = 0) -> LlamaForCausalLM:
+               seed: int = 0) -> CausalLM:
     raw = {"architectures": [arch], "vocab_size": 50, "hidden_size": 48,
            "intermediate_size": 40, "num_hidden_layers": layers, "num_attention_heads": heads,
            "num_key_value_heads": kv_heads, "head_dim": head_dim, "rms_norm_eps": 1e-5,
@@ -35,19 +41,21 @@ def make_model(arch: str = "LlamaForCausalLM", head_dim: int = 16, heads: int = 
     if sliding_window is not None:
         raw["sliding_window"] = sliding_window
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(ArchConfig.from_dict(raw), 256).float()
+    model = resolve_model_class(arch)(parse_arch_config(raw),
+                                      ModelOptions(max_position=256, kernel_backend="cpu"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 p.normal_(0, 0.5)
+            else:
+                p.normal_(0, p.shape[-1] ** -0.5)
     assert pack_linear_weights(model, small=True) > 0
-    use_fused_cpu_ops(model)
     return model
 
 
-def make_step(model: LlamaForCausalLM, seq_lens: list[int], seed: int = 1):
+def make_step(model: CausalLM, seq_lens: list[int], seed: int = 1, backend: str = "cpu"):
     """A decode-only batch over shuffled cache blocks, and caches filled with noise."""
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
@@ -66,23 +74,29 @@ def make_step(model: LlamaForCausalLM, seq_lens: list[int], seed: int = 1):
     positions = lens.long() - 1
     slots = (table[torch.arange(len(seq_lens)), positions // BLOCK_SIZE].long() * BLOCK_SIZE
              + positions % BLOCK_SIZE)
-    md = AttentionMetadata(torch.arange(len(seq_lens) + 1, dtype=torch.int32), lens, table,
-                           slots, "cpu")
-    md.plan = kernels.attention_plan(md.block_table, md.seq_lens, md.query_start_loc, BLOCK_SIZE,
-                                     cfg.sliding_window, backend="cpu")
+    query_start_loc = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    md = AttentionMetadata(query_start_loc, lens, table, slots, backend,
+                           kernels.attention_plan(table, lens, query_start_loc, BLOCK_SIZE,
+                                                  cfg.sliding_window, backend=backend))
     input_ids = torch.randint(0, cfg.vocab_size, (len(seq_lens),), generator=g)
     return input_ids, positions, caches, md
+
+
+def compiled_for(model: CausalLM, caches) -> CompiledDecodeStep:
+    step, reason = compiled_decode_step(model, ModelConfig(attention_backend="cpu"), CPU, caches)
+    assert step is not None, reason
+    return step
 
 
 def both_paths(model, input_ids, positions, caches, md):
     """(hidden, caches) from the layer-by-layer forward and from the compiled step."""
     results = []
     for compiled in (False, True):
-        model.model.compiled_decode = compiled
         own = [(k.clone(), v.clone()) for k, v in caches]
         with torch.inference_mode():
-            results.append((model.model(input_ids, positions, own, md), own))
-    model.model.compiled_decode = False
+            hidden = (compiled_for(model, own)(input_ids, positions, md) if compiled
+                      else model(input_ids, positions, own, md))
+        results.append((hidden, own))
     return results
 
 
@@ -104,56 +118,43 @@ def test_kernel_builds():
 def test_matches_the_layer_by_layer_forward(arch, seq_lens):
     """1-3 rows: attention per (row, kv head); 8 and 40: per row; 40 rows: GEMM row passes."""
     model = make_model(arch)
-    assert use_compiled_decode(model)
     assert_same(both_paths(model, *make_step(model, seq_lens)))
 
 
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 2, 1), (24, 3, 3), (128, 2, 2)])
 def test_head_sizes(head_dim, heads, kv_heads):
     model = make_model(head_dim=head_dim, heads=heads, kv_heads=kv_heads, layers=1)
-    assert use_compiled_decode(model)
     assert_same(both_paths(model, *make_step(model, [7, 19])))
 
 
 def test_sliding_window():
     model = make_model("MistralForCausalLM", sliding_window=6)
-    assert use_compiled_decode(model)
+    assert model.config.sliding_window == 6
     assert_same(both_paths(model, *make_step(model, [3, 6, 7, 25])))
 
 
-def test_the_step_takes_the_compiled_path_only_for_few_decodes(monkeypatch):
+def test_the_step_applies_only_to_few_decodes_on_the_native_path():
     model = make_model()
-    assert use_compiled_decode(model)
-    calls = []
-    real = cpu_decoder.decode_step
-    monkeypatch.setattr(cpu_decoder, "decode_step",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    with torch.inference_mode():
-        model.model(*make_step(model, [5] * COMPILED_DECODE_ROWS))
-        assert len(calls) == 1
-        model.model(*make_step(model, [5] * (COMPILED_DECODE_ROWS + 1)))  # past its rows
-        assert len(calls) == 1
-        input_ids, positions, caches, md = make_step(model, [5, 3])
-        md.plan = kernels.attention_plan(md.block_table, md.seq_lens, md.query_start_loc,
-                                         BLOCK_SIZE, None, backend="torch")
-        model.model(input_ids, positions, caches, md)  # the torch path was asked for
-        assert len(calls) == 1
+    assert CompiledDecodeStep.applies(COMPILED_DECODE_ROWS,
+                                      make_step(model, [5] * COMPILED_DECODE_ROWS)[3])
+    assert not CompiledDecodeStep.applies(COMPILED_DECODE_ROWS + 1,
+                                          make_step(model, [5] * (COMPILED_DECODE_ROWS + 1))[3])
+    assert not CompiledDecodeStep.applies(2, make_step(model, [5, 3], backend="torch")[3])
 
 
 def test_out_of_range_blocks_raise_and_write_nothing():
     model = make_model()
-    assert use_compiled_decode(model)
     input_ids, positions, caches, md = make_step(model, [5, 9])
+    step = compiled_for(model, caches)
     before = [(k.clone(), v.clone()) for k, v in caches]
     bad = md.block_table.clone()
     bad[1, 2] = NUM_BLOCKS
-    md.block_table = bad
     with torch.inference_mode(), pytest.raises(ValueError, match="outside the KV cache"):
-        model.model(input_ids, positions, caches, md)
-    md.block_table = bad.clamp(max=NUM_BLOCKS - 1)
-    md.slot_mapping = md.slot_mapping + NUM_BLOCKS * BLOCK_SIZE
+        step(input_ids, positions, dataclasses.replace(md, block_table=bad))
+    shifted = dataclasses.replace(md, block_table=bad.clamp(max=NUM_BLOCKS - 1),
+                                  slot_mapping=md.slot_mapping + NUM_BLOCKS * BLOCK_SIZE)
     with torch.inference_mode(), pytest.raises(ValueError, match="outside the KV cache"):
-        model.model(input_ids, positions, caches, md)
+        step(input_ids, positions, shifted)
     for (k, v), (bk, bv) in zip(caches, before):
         assert torch.equal(k, bk) and torch.equal(v, bv)
 
@@ -161,5 +162,31 @@ def test_out_of_range_blocks_raise_and_write_nothing():
 def test_needs_every_small_row_copy():
     model = make_model()
     model.model.layers[1].mlp.down_proj.packed = None
-    assert not use_compiled_decode(model)
-    assert not model.model.compiled_decode
+    step, reason = compiled_decode_step(model, ModelConfig(), CPU, make_step(model, [3])[2])
+    assert step is None and "small-row" in reason
+
+
+def test_a_family_without_the_export_hook_runs_layer_by_layer():
+    model = make_model()
+    model.export_decoder = lambda: None  # as a family without the hook
+    step, reason = compiled_decode_step(model, ModelConfig(), CPU, make_step(model, [3])[2])
+    assert step is None and "layer by layer" in reason
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_engine_runs_decodes_through_the_step_as_configured(tmp_path, monkeypatch,
+                                                                 compiled):
+    from server import LLM, SamplingParams
+    from tests.model_factory import make_tiny_model
+
+    llm = LLM(str(make_tiny_model(tmp_path, "llama")), dtype="float32", device="cpu",
+              kv_cache_memory=1 << 22, compiled_decode=compiled)
+    assert (llm.engine.runner.compiled_step is not None) == compiled
+    assert llm.engine.config.model.compiled_decode == compiled
+    calls = []
+    real = cpu_decoder.decode_step
+    monkeypatch.setattr(cpu_decoder, "decode_step",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    llm.generate([{"prompt_token_ids": [5, 9, 13]}],
+                 SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(calls) == (3 if compiled else 0)  # every decode step after the prefill

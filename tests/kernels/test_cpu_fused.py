@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu_fused
-from server.models.layers.rotary import RotaryEmbedding, rotate
+from kernels.reference import rotary as rotate
+from server.models.layers.rotary import RotaryEmbedding
 from tests.kernels.test_cpu_attention import needs_compiler
 
 pytestmark = needs_compiler

@@ -50,7 +50,7 @@ def test_phase_timers_are_removed_again():
 def test_compiled_kernels_are_listed_and_unwrapped_again():
     from kernels import cpu_attention, cpu_decoder, cpu_fused
     from server import LLM, SamplingParams
-    from server.models.llama import COMPILED_DECODE_ROWS
+    from server.model_runner.cpu import COMPILED_DECODE_ROWS
 
     if not cpu_fused.available():
         pytest.skip("no C++ compiler: nothing compiled to list")

@@ -33,12 +33,13 @@ def test_serve_flags_map_to_config_fields():
         "serve", "/m", "--max-model-len", "128", "--block-size", "32", "--kv-cache-memory",
         "1000000", "--max-num-seqs", "3", "--max-num-batched-tokens", "64", "--dtype",
         "bfloat16", "--device", "cpu", "--seed", "7", "--no-enable-prefix-caching",
-        "--attention-backend", "torch", "--long-prefill-token-threshold", "48"])
+        "--attention-backend", "torch", "--long-prefill-token-threshold", "48",
+        "--no-compiled-decode", "--quantization", "none", "--num-blocks", "40"])
     assert engine_kwargs(args) == dict(
         model="/m", dtype="bfloat16", device="cpu", seed=7, attention_backend="torch",
-        max_model_len=128, block_size=32, kv_cache_memory=1000000,
-        enable_prefix_caching=False, max_num_seqs=3, max_num_batched_tokens=64,
-        long_prefill_token_threshold=48)
+        compiled_decode=False, quantization="none", max_model_len=128, block_size=32,
+        kv_cache_memory=1000000, num_blocks=40, enable_prefix_caching=False, max_num_seqs=3,
+        max_num_batched_tokens=64, long_prefill_token_threshold=48)
     assert args.host == "127.0.0.1" and args.port == 8000 and args.engine_mode == "thread"
     assert EngineConfig.from_kwargs(**engine_kwargs(args)).scheduler.long_prefill_token_threshold \
         == 48

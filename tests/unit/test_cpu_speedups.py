@@ -9,15 +9,25 @@ import torch
 import torch.nn.functional as F
 
 from server.model_runner.cpu_allocator import keep_freed_memory_mapped
-from server.models.layers import linear as linear_mod
-from server.models.layers.linear import PACKED_MIN_ROWS, SMALL_ROWS, Linear, pack_linear_weights
+from server.models.layers import packed_gemm as linear_mod
+from server.models.layers.linear import Linear, pack_linear_weights
+from server.models.layers.packed_gemm import PACKED_MIN_ROWS, SMALL_ROWS
+
+
+def random_linear(input_size: int, output_size: int, bias: bool = False) -> Linear:
+    """A Linear (created empty, as the loader fills it) with random weights."""
+    layer = Linear(input_size, output_size, bias=bias)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, input_size ** -0.5)
+    return layer
 
 
 @pytest.mark.parametrize("rows", [1, PACKED_MIN_ROWS - 1, PACKED_MIN_ROWS, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_matches_f_linear(rows, bias):
     torch.manual_seed(rows)
-    layer = Linear(96, 200, bias=bias)
+    layer = random_linear(96, 200, bias=bias)
     x = torch.randn(rows, 96)
     expected = F.linear(x, layer.weight, layer.bias)
     assert layer.pack()
@@ -30,7 +40,7 @@ def rows_seen(monkeypatch, owner, name: str) -> list[int]:
     real = getattr(owner, name)
 
     def spy(x, *args):
-        seen.append(x.shape[0])
+        seen.append((x if x is not None else args[0]).shape[0])
         return real(x, *args)
 
     monkeypatch.setattr(owner, name, spy)
@@ -38,7 +48,7 @@ def rows_seen(monkeypatch, owner, name: str) -> list[int]:
 
 
 def test_packed_path_is_taken_only_from_min_rows(monkeypatch):
-    layer = Linear(32, 48)
+    layer = random_linear(32, 48)
     assert layer.pack()
     calls = rows_seen(monkeypatch, linear_mod, "_run_packed")
     layer(torch.randn(PACKED_MIN_ROWS - 1, 32))
@@ -71,7 +81,7 @@ def test_each_packer_matches_f_linear_at_any_row_count(kind):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_other_dtypes_stay_unpacked(dtype):
-    layer = Linear(16, 16).to(dtype)
+    layer = random_linear(16, 16).to(dtype)
     assert not layer.pack() and layer.packed is None
     x = torch.randn(8, 16, dtype=dtype)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
@@ -81,7 +91,7 @@ def test_pack_linear_weights_counts_modules_and_the_model_hook():
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = Linear(8, 8), Linear(8, 4)
+            self.a, self.b = random_linear(8, 8), random_linear(8, 4)
             self.plain = torch.nn.Linear(8, 8)  # not ours: left alone
 
         def pack_weights(self, small):
@@ -95,7 +105,7 @@ def test_pack_linear_weights_counts_modules_and_the_model_hook():
 
 
 def test_packing_is_skipped_when_the_copies_exceed_the_budget():
-    model = torch.nn.Sequential(Linear(64, 64), Linear(64, 32))
+    model = torch.nn.Sequential(random_linear(64, 64), random_linear(64, 32))
     needed = sum(p.nbytes for p in model.parameters() if p.dim() == 2)
     assert pack_linear_weights(model, budget_bytes=needed - 1) == 0
     assert all(m.packed is None for m in model)
@@ -108,7 +118,7 @@ def test_small_row_copies_serve_their_rows(monkeypatch):
     if not cpu_linear.available():
         pytest.skip("no C++ compiler: no small-row GEMM")
     torch.manual_seed(3)
-    layer = Linear(96, 200, bias=True)  # 200 outputs: the last 16-column block is partial
+    layer = random_linear(96, 200, bias=True)  # 200 outputs: the last column block is partial
     assert layer.pack(small=True) and layer.packed.small is not None
     used = rows_seen(monkeypatch, cpu_linear, "linear")
     lo, hi = SMALL_ROWS
@@ -124,7 +134,7 @@ def test_small_row_copies_are_dropped_first_when_over_budget():
 
     if not cpu_linear.available():
         pytest.skip("no C++ compiler: no small-row GEMM")
-    model = torch.nn.Sequential(Linear(64, 64), Linear(64, 32))
+    model = torch.nn.Sequential(random_linear(64, 64), random_linear(64, 32))
     needed = sum(p.nbytes for p in model.parameters() if p.dim() == 2)
     assert pack_linear_weights(model, budget_bytes=2 * needed - 1, small=True) == 2
     assert all(m.packed is not None and m.packed.small is None for m in model)
@@ -139,7 +149,7 @@ def test_tied_logits_head_uses_a_packed_embedding(tmp_path):
     model_dir = make_tiny_model(tmp_path, "qwen2")  # tied embeddings
     llm = LLM(str(model_dir), dtype="float32", device="cpu")
     model = llm.engine.runner.model
-    assert model.lm_head is None and model._tied_packed is not None
+    assert model.lm_head.proj is None and model.lm_head._tied_packed is not None
     hidden = torch.randn(PACKED_MIN_ROWS + 3, model.config.hidden_size)
     torch.testing.assert_close(model.compute_logits(hidden),
                                F.linear(hidden, model.model.embed_tokens.weight),
@@ -170,7 +180,7 @@ def test_available_memory_is_capped_by_a_cgroup_limit(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_fused_cpu_ops_follow_the_backend_and_keep_the_tokens(tmp_path, arch):
+def test_fused_cpu_ops_follow_the_backend_and_keep_the_tokens(tmp_path, monkeypatch, arch):
     """backend auto on fp32 CPU fuses norms, SiLU-and-mul and rotary (kernels.cpu_fused);
     backend torch keeps torch ops; greedy tokens agree."""
     from kernels import cpu_fused
@@ -188,9 +198,13 @@ def test_fused_cpu_ops_follow_the_backend_and_keep_the_tokens(tmp_path, arch):
         llm = LLM(str(model_dir), dtype="float32", device="cpu", attention_backend=backend,
                   kv_cache_memory=1 << 22)
         norms = [m for m in llm.engine.runner.model.modules() if isinstance(m, RMSNorm)]
-        assert {m.fused for m in norms} == {backend == "auto"}
+        assert {m.backend for m in norms} == {"cpu" if backend == "auto" else "torch"}
+        calls = {name: rows_seen(monkeypatch, cpu_fused, name)
+                 for name in ("add_rms_norm", "silu_and_mul", "rotary_")}
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(
             [{"prompt_token_ids": p} for p in prompts], params)]
+        assert all(bool(seen) == (backend == "auto") for seen in calls.values()), calls
+        monkeypatch.undo()
     assert tokens["auto"] == tokens["torch"]
 
 

@@ -13,6 +13,7 @@ import torch
 from server.bench import roofline as rl
 from server.models.arch_config import ArchConfig
 from server.models.errors import ModelLoadError
+from server.models.registry import parse_arch_config
 
 TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512,
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -28,7 +29,7 @@ SMALL = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_laye
 
 
 def arch(raw: dict, name: str = "LlamaForCausalLM", **extra) -> ArchConfig:
-    return ArchConfig.from_dict({"architectures": [name], **raw, **extra})
+    return parse_arch_config({"architectures": [name], **raw, **extra})
 
 
 def test_tiny_counts_by_hand():

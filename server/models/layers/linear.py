@@ -1,129 +1,120 @@
-"""Linear layers that run fp32 GEMMs on CPU from a prepacked copy of the weight.
+"""Linear layers and the LinearMethod extension point.
 
-torch's CPU `F.linear` hands MKL the plain [out, in] weight, which MKL repacks on every call: for
-the few-row GEMMs of a decode step (4-128 rows) that repacking costs more than the arithmetic.
-Packing once, after loading, is faster (measured in docs/performance.md). Two packers, the
-first that works on this torch build:
-
-- MKL's packed GEMM (`torch.ops.mkl._mkl_linear`). torch asks for the packing batch size to equal
-  the GEMM's rows; MKL's packed layout does not depend on it (same size, same results for every
-  row count we tried), so one copy serves every batch, and each weight's copy is checked against
-  F.linear at several row counts before it is used.
-- oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`), slower than MKL's at 16+ rows.
-
-For 1-3 rows MKL's GEMV on the plain weight is faster, so those keep it; the packed copy costs a
-second copy of every linear weight in memory, hence the runner's budget (`pack_linear_weights`).
-
-With the compiled CPU kernels (`small=True`), a third copy in kernels/cpu_linear.py's layout
-serves 1-32 rows (SMALL_ROWS): over the SmolLM2-135M weights, 2 threads, it takes 0.95x MKL's
-time at 1 row, 0.69-0.80x at 4-16, 0.88x at 32 and 1.03x at 64 (so MKL keeps 33+ rows).
+A `LinearMethod` owns a linear layer's weights in one storage format: it creates them, loads
+checkpoint tensors into them, repacks them for the CPU GEMMs, and computes the matmul. The
+`quantization` config field names the method (`QUANTIZATION_METHODS`; only "none" so far). The
+layers fix only the shapes: `Linear` [output_size, input_size], and `MergedLinear`, several
+outputs side by side (q/k/v, gate/up) that the checkpoint stores as separate tensors (shards).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu_linear
+from server.models.layers.packed_gemm import PackedWeight, linear, packed_weight
+from server.models.layers.weights import copy_weight, set_weight_loader
 
 logger = logging.getLogger(__name__)
 
-PACKED_MIN_ROWS = 4  # measured crossover on 2 Sapphire Rapids cores, docs/performance.md
-SMALL_ROWS = (1, 32)  # rows served from the cpu_linear copy, when there is one (measured)
-_MKL_PACK_ROWS = 64  # the batch-size hint given to MKL's packer (the layout ignores it)
-_PROBE_ROWS = (PACKED_MIN_ROWS, 7, 64, 200)
+
+class LinearMethod(Protocol):
+    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        """Register the layer's parameters (each with its weight_loader and shard ids)."""
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, input_size] -> [rows, output_size]."""
+
+    def pack(self, layer: Linear, small: bool) -> bool:
+        """Make the CPU GEMMs' copy of the loaded weights; whether one was made."""
 
 
-@dataclass(frozen=True, slots=True)
-class PackedWeight:
-    kind: str  # "mkl" or "onednn"
-    tensor: torch.Tensor
-    small: torch.Tensor | None = None  # cpu_linear.pack(weight), for SMALL_ROWS rows
+class UnquantizedLinearMethod:
+    """Weights as they are in the checkpoint (fp32 / fp16 / bf16); CPU GEMMs from the packed
+    copies of layers/packed_gemm.py."""
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        shards = tuple(range(len(layer.output_sizes))) if layer.merged else (None,)
+        layer.weight = set_weight_loader(
+            nn.Parameter(torch.empty(layer.output_size, layer.input_size, dtype=dtype),
+                         requires_grad=False), layer.load_shard, shards)
+        layer.bias = None if not layer.has_bias else set_weight_loader(
+            nn.Parameter(torch.empty(layer.output_size, dtype=dtype), requires_grad=False),
+            layer.load_shard, shards)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, layer.weight, layer.bias, layer.packed)
+
+    def pack(self, layer: Linear, small: bool) -> bool:
+        layer.packed = packed_weight(layer.weight, layer.bias, small)
+        return layer.packed is not None
 
 
-def _run_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                packed: PackedWeight) -> torch.Tensor:
-    if packed.kind == "mkl":
-        return torch.ops.mkl._mkl_linear(x, packed.tensor, weight, bias, x.shape[0])
-    return torch.ops.mkldnn._linear_pointwise(x, packed.tensor, bias, "none", [], "")
+QUANTIZATION_METHODS: dict[str, type[LinearMethod]] = {"none": UnquantizedLinearMethod}
 
 
-def _agrees(packed: PackedWeight, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    gen = torch.Generator().manual_seed(0)
-    for rows in _PROBE_ROWS:
-        probe = torch.randn(rows, weight.shape[1], generator=gen)
-        if not torch.allclose(_run_packed(probe, weight, bias, packed),
-                              F.linear(probe, weight, bias), rtol=1e-4, atol=1e-4):
-            return False
-    return True
+def get_linear_method(quantization: str) -> LinearMethod:
+    try:
+        return QUANTIZATION_METHODS[quantization]()
+    except KeyError:
+        raise ValueError(f"quantization {quantization!r} is not supported; supported: "
+                         f"{', '.join(QUANTIZATION_METHODS)}") from None
 
 
-def _small_copy(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """cpu_linear's copy of `weight`, checked against F.linear at a few row counts."""
-    small = cpu_linear.pack(weight)
-    gen = torch.Generator().manual_seed(1)
-    for rows in (SMALL_ROWS[0], 7, SMALL_ROWS[1]):
-        probe = torch.randn(rows, weight.shape[1], generator=gen)
-        if not torch.allclose(cpu_linear.linear(probe, small, bias, weight.shape[0]),
-                              F.linear(probe, weight, bias), rtol=1e-4, atol=1e-4):
-            logger.warning("the compiled small-row GEMM disagrees with F.linear; not using it")
-            return None
-    return small
+class Linear(nn.Module):
+    """y = x W^T + b, W [output_size, input_size], in the format of `method`."""
 
+    weight: nn.Parameter  # the method's parameters; other methods add their own
+    bias: nn.Parameter | None
+    packed: PackedWeight | None = None  # set by the method's `pack`
 
-def packed_weight(weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  small: bool = False) -> PackedWeight | None:
-    """A prepacked copy of an fp32 CPU weight [out, in], checked against F.linear; None where
-    this torch build has no packer that agrees. `small`: also the copy for SMALL_ROWS rows,
-    where the compiled kernel is available."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return None
-    weight = weight.detach()
-    bias = None if bias is None else bias.detach()
-    packers = (("mkl", lambda: torch.ops.mkl._mkl_reorder_linear_weight(weight, _MKL_PACK_ROWS)),
-               ("onednn", lambda: torch.ops.mkldnn._reorder_linear_weight(weight, None)))
-    for kind, pack in packers:
-        try:
-            packed = PackedWeight(kind, pack())
-            if _agrees(packed, weight, bias):
-                if small and cpu_linear.available():
-                    packed = PackedWeight(kind, packed.tensor, _small_copy(weight, bias))
-                return packed
-        except (AttributeError, RuntimeError) as e:  # no such op in this build
-            logger.debug("no %s packed linear in this torch: %s", kind, e)
-            continue
-        logger.warning("the %s packed linear disagrees with F.linear; not using it", kind)
-    return None
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 method: LinearMethod | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self._create(input_size, [output_size], bias, method, dtype)
 
+    def _create(self, input_size: int, output_sizes: Sequence[int], bias: bool,
+                method: LinearMethod | None, dtype: torch.dtype | None) -> None:
+        self.input_size, self.output_size = input_size, sum(output_sizes)
+        self.output_sizes = list(output_sizes)
+        self.has_bias = bias
+        self.method = method or UnquantizedLinearMethod()
+        self.method.create_weights(self, dtype or torch.get_default_dtype())
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: PackedWeight | None) -> torch.Tensor:
-    """F.linear over a [rows, in] input, from `packed` when it is set and rows are many enough."""
-    if packed is not None and x.dim() == 2:
-        rows = x.shape[0]
-        if (packed.small is not None and SMALL_ROWS[0] <= rows <= SMALL_ROWS[1]
-                and x.stride(1) == 1):
-            return cpu_linear.linear(x, packed.small, bias, weight.shape[0])
-        if rows >= PACKED_MIN_ROWS:
-            return _run_packed(x, weight, bias, packed)
-    return F.linear(x, weight, bias)
+    @property
+    def merged(self) -> bool:
+        return isinstance(self, MergedLinear)
 
-
-class Linear(nn.Linear):
-    """nn.Linear whose forward uses `packed` once `pack()` made it."""
-
-    packed: PackedWeight | None = None
+    def load_shard(self, param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
+        """The weight_loader of this layer's parameters: shard `shard_id` (None: all of it)."""
+        dest = param.data
+        if shard_id is not None:
+            dest = dest.narrow(0, sum(self.output_sizes[:shard_id]), self.output_sizes[shard_id])
+        copy_weight(dest, tensor)
 
     def pack(self, small: bool = False) -> bool:
-        self.packed = packed_weight(self.weight, self.bias, small)
-        return self.packed is not None
+        return self.method.pack(self, small)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+        return self.method.apply(self, x)
+
+    def extra_repr(self) -> str:
+        return (f"input_size={self.input_size}, output_sizes={self.output_sizes}, "
+                f"bias={self.has_bias}, method={type(self.method).__name__}")
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input in one GEMM: output shard i is `output_sizes[i]`
+    rows of W, loaded from its own checkpoint tensor (shard id i)."""
+
+    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False,
+                 method: LinearMethod | None = None, dtype: torch.dtype | None = None) -> None:
+        nn.Module.__init__(self)
+        self._create(input_size, output_sizes, bias, method, dtype)
 
 
 def pack_linear_weights(model: nn.Module, budget_bytes: int | None = None,

@@ -3,31 +3,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import cpu_fused
+import kernels
+from server.models.layers.weights import set_weight_loader
 
 
 class RMSNorm(nn.Module):
-    """RMS normalisation in fp32, scaled by the weight after casting back (as transformers does).
-    `fused` (set by `use_fused_cpu_ops`): fp32 CPU rows go through kernels.cpu_fused."""
+    """RMS normalisation through kernels.rms_norm (fp32 inside, as transformers computes it)."""
 
-    fused = False
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype | None = None,
+                 backend: str = "auto") -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = set_weight_loader(nn.Parameter(torch.ones(hidden_size, dtype=dtype),
+                                                     requires_grad=False))
         self.eps = eps
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and cpu_fused.supports(x):
-            return cpu_fused.add_rms_norm(None, x, self.weight, self.eps)
-        dtype = x.dtype
-        h = x if dtype == torch.float32 else x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * (h if dtype == torch.float32 else h.to(dtype))
+        return kernels.rms_norm(x, self.weight, self.eps, backend=self.backend)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual += x, in place (the residual stream), then the norm of the sum."""
-        if self.fused and cpu_fused.supports(x) and cpu_fused.supports(residual):
-            return cpu_fused.add_rms_norm(x, residual, self.weight, self.eps)
-        residual.add_(x)
-        return self(residual)
+        return kernels.rms_norm(x, self.weight, self.eps, residual, backend=self.backend)

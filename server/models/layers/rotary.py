@@ -57,13 +57,7 @@ class RotaryEmbedding(nn.Module):
     def cos_sin(self, positions: torch.Tensor,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at `positions`, [num_tokens, 1, head_dim]: once per step, for every
-        layer's `rotate`."""
+        layer's kernels.rotary."""
         return (self.cos_cache[positions].to(dtype).unsqueeze(1),
                 self.sin_cache[positions].to(dtype).unsqueeze(1))
 
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [num_tokens, heads, head_dim] (any heads: q and k may go through in one call)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return torch.addcmul(x * cos, rotated, sin)

@@ -1,0 +1,46 @@
+"""The element-wise steps of a decoder layer (RMSNorm with the residual add, SiLU-and-mul,
+rotary), one entry point each. `backend` as for attention (kernels/__init__.py): "auto" and
+"cpu" run fp32 CPU rows through kernels.cpu_fused where it is built and takes the tensors,
+everything else (and "torch", "triton") through kernels.reference."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import cpu_fused, reference
+
+_FUSED = ("auto", "cpu")
+
+
+def _fused(backend: str, *tensors: torch.Tensor) -> bool:
+    return (backend in _FUSED and cpu_fused.available()
+            and all(cpu_fused.supports(t) for t in tensors))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """RMSNorm(x), or with `residual`: residual += x in place, then RMSNorm(residual)."""
+    if residual is None:
+        if _fused(backend, x):
+            return cpu_fused.add_rms_norm(None, x, weight, eps)
+    elif _fused(backend, x, residual):
+        return cpu_fused.add_rms_norm(x, residual, weight, eps)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+def silu_and_mul(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """silu(x[:, :n]) * x[:, n:] for x [rows, 2n]."""
+    if _fused(backend, x):
+        return cpu_fused.silu_and_mul(x)
+    return reference.silu_and_mul(x)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           backend: str = "auto") -> torch.Tensor:
+    """Rotary embedding of x [num_tokens, heads, head_dim]; may rotate x in place, so x must be
+    the caller's own (a view into a fresh projection output, say)."""
+    if (backend in _FUSED and cpu_fused.available() and x.device.type == "cpu"
+            and x.dtype == cos.dtype == torch.float32 and x.stride(2) == 1
+            and x.stride(1) == x.shape[2] and cos.is_contiguous() and sin.is_contiguous()):
+        return cpu_fused.rotary_(x, cos, sin)
+    return reference.rotary(x, cos, sin)

@@ -1,0 +1,135 @@
+"""Which CPU paths run, decided once from the frozen config and from what builds on this
+machine, and logged: the attention kernel, the fused element-wise ops, the packed GEMM copies and
+the compiled decode step. The model describes its computation once; this module picks the
+kernels its layers dispatch to (`kernel_backend`) and owns the compiled decode step, fed by the
+model's `export_decoder` hook (models/base.py), as a CUDA graph would be."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kernels import cpu_attention, cpu_decoder, cpu_fused, cpu_linear
+from server.config import ModelConfig
+from server.models.attention_metadata import AttentionMetadata
+from server.models.base import CausalLM, DecoderExport, KVCache
+from server.models.layers.linear import Linear, pack_linear_weights
+from server.models.layers.packed_gemm import SMALL_ROWS
+
+logger = logging.getLogger(__name__)
+
+COMPILED_DECODE_ROWS = 64  # decode-only steps of up to this many rows: kernels.cpu_decoder
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Made before the model is built: what its layers and attention dispatch to."""
+    attention_backend: str  # resolved: "triton", "cpu" or "torch"
+    kernel_backend: str  # the layers' element-wise ops: "cpu" (kernels.cpu_fused) or "torch"
+    native: bool  # the compiled CPU kernels may run (CPU, backend auto or cpu)
+
+    @property
+    def fused_ops(self) -> bool:
+        return self.kernel_backend == "cpu"
+
+
+def choose_kernels(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> KernelChoice:
+    asked = config.attention_backend
+    if device.type != "cpu":
+        return KernelChoice("triton" if asked == "auto" else asked, "torch", native=False)
+    native = asked in ("auto", "cpu")
+    attention = "cpu" if native and cpu_attention.available() else (
+        "torch" if asked in ("auto", "cpu") else asked)
+    fused = native and dtype == torch.float32 and cpu_fused.available()
+    return KernelChoice(attention, "cpu" if fused else "torch", native)
+
+
+def pack_for_cpu(model: CausalLM, choice: KernelChoice, budget_bytes: int | None) -> str:
+    """Make the packed GEMM copies (and the small-row ones where the compiled kernels run);
+    returns what was packed, for the start-up log."""
+    count = pack_linear_weights(model, budget_bytes,
+                                small=choice.native and cpu_linear.available())
+    small = sum(1 for m in model.modules() if isinstance(m, Linear)
+                and m.packed is not None and m.packed.small is not None)
+    return f"{count} packed ({small} with a copy for {SMALL_ROWS[0]}-{SMALL_ROWS[1]} rows)"
+
+
+def _not_compiled_because(model: CausalLM, export: DecoderExport | None) -> str | None:
+    if export is None:
+        return f"{type(model).__name__} has no export_decoder: decode runs layer by layer"
+    if not export.layers:
+        return "the model has no layers"
+    weight = export.embed_tokens.weight
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return "it computes in fp32 on CPU only"
+    if any(m.packed is None or m.packed.small is None
+           for layer in export.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)):
+        return "not every projection has its small-row GEMM copy"
+    if not cpu_decoder.available():
+        return "kernels.cpu_decoder did not build"
+    return None
+
+
+class CompiledDecodeStep:
+    """Every layer of a decode-only step of 1..COMPILED_DECODE_ROWS rows in one
+    kernels.cpu_decoder call, over the model's exported weights and the runner's caches."""
+
+    def __init__(self, export: DecoderExport, kv_caches: list[KVCache]) -> None:
+        self.export = export
+        layers = []
+        for layer, (key_cache, value_cache) in zip(export.layers, kv_caches, strict=True):
+            layers.append(cpu_decoder.LayerTensors(
+                input_norm=layer.input_norm.detach(),
+                qkv=_small_copy(layer.qkv), qkv_bias=_bias(layer.qkv),
+                q_norm=None if layer.q_norm is None else layer.q_norm.detach(),
+                k_norm=None if layer.k_norm is None else layer.k_norm.detach(),
+                o=_small_copy(layer.o), o_bias=_bias(layer.o),
+                post_norm=layer.post_norm.detach(),
+                gate_up=_small_copy(layer.gate_up), gate_up_bias=_bias(layer.gate_up),
+                down=_small_copy(layer.down), down_bias=_bias(layer.down),
+                key_cache=key_cache, value_cache=value_cache))
+        self.tensors = cpu_decoder.DecoderTensors(
+            layers, export.final_norm.detach(), num_heads=export.num_heads,
+            num_kv_heads=export.num_kv_heads, head_dim=export.head_dim, eps=export.eps)
+
+    @staticmethod
+    def applies(num_tokens: int, md: AttentionMetadata) -> bool:
+        plan = md.plan
+        return (num_tokens <= COMPILED_DECODE_ROWS and plan is not None and plan.all_decode
+                and plan.native)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 md: AttentionMetadata) -> torch.Tensor:
+        export = self.export
+        h = export.embed_tokens(input_ids)
+        cos, sin = export.rotary.cos_sin(positions, h.dtype)
+        return cpu_decoder.decode_step(self.tensors, h, cos, sin, md.slot_mapping,
+                                       md.block_table, md.seq_lens, export.scale,
+                                       export.sliding_window)
+
+
+def compiled_decode_step(model: CausalLM, config: ModelConfig, choice: KernelChoice,
+                         kv_caches: list[KVCache]) -> tuple[CompiledDecodeStep | None, str]:
+    """The compiled step where it applies, and the start-up log's reason where it does not."""
+    if not config.compiled_decode:
+        return None, "off (compiled_decode=False)"
+    if not choice.native:
+        return None, f"off (attention backend {config.attention_backend})"
+    export = model.export_decoder()
+    reason = _not_compiled_because(model, export)
+    if reason is not None or export is None:
+        return None, f"off ({reason})"
+    return (CompiledDecodeStep(export, kv_caches),
+            f"on for decode-only steps of 1-{COMPILED_DECODE_ROWS} sequences")
+
+
+def _small_copy(module: Linear) -> torch.Tensor:
+    assert module.packed is not None and module.packed.small is not None
+    return module.packed.small
+
+
+def _bias(module: Linear) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach()
+

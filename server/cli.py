@@ -99,19 +99,31 @@ def _read_template(value: str | None) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.api.app import build_app
     from server.config import EngineConfig
 
     engine_config = EngineConfig.from_kwargs(**engine_kwargs(args))
     config = server_config(args)
-    app = build_app(engine_config, config)
+    return serve_app(build_app(engine_config, config), config)
+
+
+def serve_app(app, config: ServerConfig) -> int:
+    """Serve `app` (build_app's) until SIGTERM (status 0) or until its engine fails to start
+    or dies (status 1, after one message naming the problem)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.log_level,
+        timeout_graceful_shutdown=int(config.shutdown_timeout) or None))
+    app.state.on_engine_failure = lambda: setattr(server, "should_exit", True)
     # uvicorn re-raises a caught SIGTERM once its graceful shutdown is done, which kills the
     # process with the signal (exit -15/143); end with status 0 instead.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                timeout_graceful_shutdown=int(config.shutdown_timeout) or None)
+    server.run()
+    failure = app.state.engine_failure
+    if failure is not None:
+        print(f"pagedserve: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -38,8 +38,6 @@ class Request:
         max_tokens: int | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        if not prompt_token_ids:
-            raise ValueError("the prompt must contain at least one token")
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params

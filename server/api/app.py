@@ -125,19 +125,38 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
             logger.error("tokenizer load failed: %s", e)
             tokenizer_error.append(e)
 
+    def failure() -> str | None:
+        if engine.error is not None:
+            return (f"the engine died: {engine.error}" if engine.model_info is not None
+                    else f"the engine failed to start: {engine.error}")
+        return f"the tokenizer failed to load: {tokenizer_error[0]}" if tokenizer_error else None
+
+    async def watch_engine() -> None:
+        """A failed start or a dead engine never recovers: tell whoever serves the app
+        (server/cli.py stops and exits non-zero, so a supervisor restarts it)."""
+        while failure() is None:
+            await asyncio.sleep(0.05)
+        app.state.engine_failure = failure()
+        logger.error("%s; shutting down", app.state.engine_failure)
+        on_failure = getattr(app.state, "on_engine_failure", None)
+        if on_failure is not None:
+            on_failure()
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         engine.start(asyncio.get_running_loop(), metrics.on_step)
-        tokenizer_task = asyncio.create_task(load_api_tokenizer())
+        tasks = [asyncio.create_task(load_api_tokenizer()), asyncio.create_task(watch_engine())]
         try:
             yield
         finally:
-            tokenizer_task.cancel()
+            for task in tasks:
+                task.cancel()
             await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.engine_failure = None  # why the engine is gone for good, once it is
     install_error_handlers(app)
     if server_config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(server_config.allowed_origins),
@@ -147,11 +166,11 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
 
     @app.get("/health")
     async def health() -> Response:
-        if ctx.ready:
+        problem = failure()
+        if problem is None and ctx.ready:
             return Response(status_code=200)
-        error = engine.error or (tokenizer_error[0] if tokenizer_error else None)
-        message = (f"the engine failed to start: {error}" if error else "the engine is loading")
-        return APIError(503, message, type="service_unavailable_error").response()
+        return APIError(503, problem or "the engine is loading",
+                        type="service_unavailable_error").response()
 
     @app.get("/version")
     async def version() -> dict:

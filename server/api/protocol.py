@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from server.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -55,6 +55,14 @@ class _SamplingFields(_Body):
                              f"got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty strings")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(cls, value: StreamOptions | None,
+                              info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):  # `stream` is validated first
+            raise ValueError("stream_options is only allowed when stream is true")
         return value
 
     @field_validator("logit_bias")

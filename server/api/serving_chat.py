@@ -116,7 +116,7 @@ class _Chat:
             "logprobs": (_logprobs(self.ctx, c.logprobs, self.num_top) if self.body.logprobs
                          else None),
             "finish_reason": c.finish_reason,
-            "stop_reason": c.matcher.stopped_by,
+            "stop_reason": c.stop_reason,
         } for c in self.choices]
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.ctx.served_model_name, "choices": choices, "usage": self.usage()}

@@ -139,6 +139,7 @@ class ChoiceState:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[SampleResult] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop token id or the stop string that ended it
     tracker: LatencyTracker | None = None
 
     def add(self, out: EngineCoreOutput) -> Delta:
@@ -150,9 +151,9 @@ class ChoiceState:
         text = self.matcher.add(self.detokenizer.add(out.new_token_ids, final=final),
                                 final=final)
         if self.matcher.stopped_by is not None:
-            self.finish_reason = "stop"
+            self.finish_reason, self.stop_reason = "stop", self.matcher.stopped_by
         elif final:
-            self.finish_reason = out.finish_reason
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
         if self.finish_reason is not None and self.tracker is not None:
             self.tracker.on_finish(self.finish_reason)
             self.tracker = None

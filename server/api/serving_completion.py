@@ -125,7 +125,7 @@ async def _complete(ctx: ServingContext, body: CompletionRequest, prep: _Prepare
             "logprobs": (_logprobs(ctx, choice.logprobs, 0) if body.logprobs is not None
                          else None),
             "finish_reason": choice.finish_reason,
-            "stop_reason": choice.matcher.stopped_by,
+            "stop_reason": choice.stop_reason,
         })
     return {"id": prep.id, "object": "text_completion", "created": prep.created,
             "model": ctx.served_model_name, "choices": choices, "usage": prep.usage()}

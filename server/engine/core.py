@@ -20,12 +20,22 @@ from server.scheduler.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 
+def _not_a_model_dir(path: Path) -> str:
+    if not path.exists():
+        return f"model directory {path} does not exist"
+    if path.suffix == ".gguf":
+        return (f"{path} is a GGUF file: GGUF models are not supported yet; give a Hugging Face "
+                f"model directory (config.json, *.safetensors, tokenizer)")
+    return (f"{path} is not a directory; give a Hugging Face model directory (config.json, "
+            f"*.safetensors, tokenizer)")
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_dir = Path(config.model.model)
         if not self.model_dir.is_dir():
-            raise ModelLoadError(f"model directory {self.model_dir} does not exist")
+            raise ModelLoadError(_not_a_model_dir(self.model_dir))
         self.arch = read_arch_config(self.model_dir)
         self.max_model_len = config.model.max_model_len or self.arch.max_position_embeddings
         if self.max_model_len > self.arch.max_position_embeddings:

@@ -34,9 +34,6 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in the engine")
-        if request.num_tokens > self.max_model_len:
-            raise ValueError(f"the prompt has {request.num_tokens} tokens, more than "
-                             f"max_model_len={self.max_model_len}")
         self.requests[request.request_id] = request
         self.waiting.append(request)
 

@@ -2,21 +2,19 @@
 
     python -m tests.api.fake_serve --port PORT [other `serve` server flags]
 
-The app and uvicorn run as server/cli.py's `_serve` runs them (the same SIGTERM path), over a
-FakeEngineCore that runs one step, then holds every request until a line arrives on stdin."""
+The app runs through server/cli.py's `serve_app`, as `serve` runs it (the same SIGTERM path),
+over a FakeEngineCore that runs one step, then holds every request until a line arrives on
+stdin."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 
-import uvicorn
-
 from server.api.app import build_app
-from server.cli import add_server_flags, server_config
+from server.cli import add_server_flags, serve_app, server_config
 from server.config import LOG_FORMAT, EngineConfig
 from server.engine.fake import FakeEngineClient, FakeEngineCore
 
@@ -35,12 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     core.pause()
     core.allow(1)
     threading.Thread(target=_resume_on_stdin, args=(core,), name="resume", daemon=True).start()
-    app = build_app(EngineConfig.from_kwargs(), config, engine=FakeEngineClient(core))
-    # as in server/cli.py `_serve`
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                timeout_graceful_shutdown=int(config.shutdown_timeout) or None)
-    return 0
+    return serve_app(build_app(EngineConfig.from_kwargs(), config, engine=FakeEngineClient(core)),
+                     config)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 import time
 
 import httpx
@@ -177,6 +178,8 @@ def test_stop_string_ends_one_choice_and_aborts_it_in_the_engine(fake_server):
     """The fake repeats the prompt: " Once upon a time Once upon ...". A stop string ends each
     choice on the API side and aborts that choice's sequence in the engine."""
     s, core = fake_server, fake_server.core
+    core.pause()  # no step after the match: the aborts reach requests the engine still holds
+    core.allow(_steps_until(s, PROMPT, "Once upon a time"))
     out = s.complete(prompt=PROMPT, max_tokens=30, n=2, stop=[" time"])
     assert [c["text"] for c in out["choices"]] == [" Once upon a"] * 2
     assert {c["finish_reason"] for c in out["choices"]} == {"stop"}
@@ -221,3 +224,15 @@ def test_batched_prompts_with_stop_strings_return(fake_server, stream):
     assert texts == {0: " The capital", 1: " The capital"}
     assert finishes == ["stop", "stop"]
     s.wait_engine(_idle)
+
+
+def test_a_dead_engine_turns_health_503_and_asks_the_server_to_stop(fake_server):
+    s = fake_server
+    stopped = threading.Event()
+    s.app.state.on_engine_failure = stopped.set
+    s.engine.error = RuntimeError("the loop broke")  # as run() records a loop that died
+    assert stopped.wait(10)
+    assert s.app.state.engine_failure == "the engine died: the loop broke"
+    r = httpx.get(s.base_url + "/health", timeout=5)
+    s.assert_error(r, 503, check_param=False)
+    assert "the engine died" in r.json()["error"]["message"]

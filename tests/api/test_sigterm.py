@@ -111,3 +111,16 @@ def test_sigterm_finishes_in_flight_stream_then_exits_0(fake_process):
     finish = [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]]
     assert finish[-1] == "length" and not any(finish[:-1])
     assert_exits_cleanly(s.proc, s.log)
+
+
+def test_a_model_that_cannot_load_exits_1_with_one_message(tmp_path):
+    """`serve FILE.gguf`: the engine cannot start, so the process says why and exits non-zero
+    (a supervisor sees it) instead of answering 503 forever."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    cmd = [sys.executable, "-m", "server", "serve", str(gguf), "--port", str(free_port())]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("pagedserve: the engine failed to start:") and "GGUF" in last, last
+    assert "Traceback" not in proc.stderr

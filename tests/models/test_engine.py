@@ -161,6 +161,8 @@ def test_bad_requests_are_rejected_and_leave_the_engine_clean(llm):
         llm.generate([[1, 2, 100000]], SamplingParams())
     with pytest.raises(ValueError, match="at least one token"):
         llm.generate([[]], SamplingParams())
+    with pytest.raises(ValueError, match="leaves no room for output"):
+        llm.generate([[1] * llm.engine.max_model_len], SamplingParams())
     with pytest.raises(ValueError, match="sampling params"):
         llm.generate([[1, 2], [3]], [SamplingParams()])
     assert not llm.engine.has_unfinished_requests()

@@ -36,6 +36,10 @@ class _DecodeGather:
     blocks: torch.Tensor  # [num_decodes * width] int64
     width: int  # blocks gathered per decode (the longest decode's)
     mask: torch.Tensor  # [num_decodes, 1, 1, width * block_size] bool
+    # The gathered rows the mask excludes (num_decodes * width * block_size row space): zeroed
+    # after the gather, because a masked score still carries a NaN or inf in K, and a zero
+    # weight times a NaN in V is NaN. Slots past a sequence's length hold anything.
+    masked_rows: torch.Tensor  # [n] int64
 
 
 @dataclass(slots=True)
@@ -74,7 +78,8 @@ class AttentionPlan:
             if self.sliding_window is not None:
                 allowed &= pos[None, :] > (dec_lens[:, None] - 1 - self.sliding_window)
             self.gather = _DecodeGather(table[:, :width].long().reshape(-1), width,
-                                        allowed[:, None, None, :])
+                                        allowed[:, None, None, :],
+                                        (~allowed).reshape(-1).nonzero().squeeze(1))
         return self.gather
 
 
@@ -221,8 +226,13 @@ def _decode_attention(query, key_cache, value_cache, plan: AttentionPlan,
     rows = len(gather.blocks)
     k_out = plan.buffer("k", rows, key_cache) if key_cache.is_contiguous() else None
     v_out = plan.buffer("v", rows, value_cache) if value_cache.is_contiguous() else None
-    k = _gather(key_cache, gather.blocks, k_out).view(shape).transpose(1, 2)
-    v = _gather(value_cache, gather.blocks, v_out).view(shape).transpose(1, 2)
+    k_rows = _gather(key_cache, gather.blocks, k_out)
+    v_rows = _gather(value_cache, gather.blocks, v_out)
+    if gather.masked_rows.numel():
+        k_rows.index_fill_(0, gather.masked_rows, 0.0)
+        v_rows.index_fill_(0, gather.masked_rows, 0.0)
+    k = k_rows.view(shape).transpose(1, 2)
+    v = v_rows.view(shape).transpose(1, 2)
     q = query.reshape(batch, num_kv_heads, -1, head_dim)
     o = F.scaled_dot_product_attention(_f32(q), _f32(k), _f32(v), attn_mask=gather.mask,
                                        scale=scale)

@@ -14,6 +14,7 @@ from kernels import reference
 from tests.kernels.test_cpu_attention import needs_compiler
 from tests.kernels.test_paged_attention import (
     DTYPES,
+    POISON,
     batch_seqs,
     make_batch,
     single_pass_cases,
@@ -75,3 +76,30 @@ def test_all_decode_plan_batches_every_row():
     plan = kernels.attention_plan(table, seq_lens, starts, 16, None, backend="torch")
     assert plan.all_decode and not plan.prefills and not plan.native
     assert plan.decode_gather().width == 3 and plan.decode_gather().blocks.numel() == 3 * 3
+
+
+POISONED_BATCHES = {
+    # (context, new tokens) per sequence, kv heads, group, head_dim
+    "decodes-gqa3-d96": ([(40, 1), (7, 1), (16, 1), (29, 1)], 1, 3, 96),
+    "mixed-d80": ([(20, 1), (0, 17), (33, 1), (5, 4), (2, 1)], 2, 2, 80),
+    "one-decode-d64": ([(21, 1)], 2, 4, 64),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_compiler),
+                                     "triton"])
+@pytest.mark.parametrize("window", [None, 8])
+@pytest.mark.parametrize("name", sorted(POISONED_BATCHES))
+def test_unused_slots_full_of_nan_change_nothing(name, window, backend):
+    """Every cache slot at or past a sequence's length, and every block the table's padding
+    names, holds NaN: the output is bitwise the one with finite junk there (attention reads only
+    positions < seq_len, so one request's overflow cannot poison the next owner of a block)."""
+    seqs, kv_heads, group, head_dim = POISONED_BATCHES[name]
+    batch = make_batch(seqs, num_kv_heads=kv_heads, group=group, head_dim=head_dim,
+                       block_size=16, dtype=torch.float32, seed=11)
+    clean = kernels.paged_attention(*batch.args(), sliding_window=window, backend=backend)
+    for cache in (batch.key_cache, batch.value_cache):
+        cache[cache == POISON] = float("nan")
+    poisoned = kernels.paged_attention(*batch.args(), sliding_window=window, backend=backend)
+    assert not poisoned.isnan().any()
+    assert torch.equal(poisoned, clean)

@@ -49,8 +49,11 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                                                                   "served_model_name"),
                         help="model name clients use (default: the model directory's name)")
     parser.add_argument("--api-key", default=default_of(ServerConfig, "api_key"),
-                        help="require 'Authorization: Bearer KEY' on /v1 and /tokenize routes "
+                        help="require 'Authorization: Bearer KEY' on every route but /health "
                              "(also from PAGEDSERVE_API_KEY)")
+    parser.add_argument("--public-metrics", action=argparse.BooleanOptionalAction,
+                        default=default_of(ServerConfig, "public_metrics"),
+                        help="serve /metrics without the API key (for a Prometheus scraper)")
     parser.add_argument("--max-queued-requests", type=int,
                         default=default_of(ServerConfig, "max_queued_requests"),
                         help="waiting requests beyond which new ones get 429")

@@ -137,7 +137,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None  # None: the model directory's name
-    api_key: str | None = None
+    api_key: str | None = None  # guards every route but /health (and /metrics, if public)
+    public_metrics: bool = False  # /metrics answers without the API key (for a scraper)
     max_queued_requests: int = 1024
     allowed_origins: tuple[str, ...] = ()
     max_request_body_bytes: int = 16 << 20

@@ -37,7 +37,7 @@ from server.engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-_PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+_PUBLIC_PATHS = frozenset({"/health"})  # never behind the API key (liveness probes)
 
 
 class RequestIdAndAuth:
@@ -45,9 +45,10 @@ class RequestIdAndAuth:
     protected paths, as plain ASGI: `@app.middleware("http")` (BaseHTTPMiddleware) would relay
     every streamed chunk through an extra task and memory stream."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, public_metrics: bool = False) -> None:
         self.app = app
         self.api_key = api_key
+        self.public = _PUBLIC_PATHS | ({"/metrics"} if public_metrics else set())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,7 +63,7 @@ class RequestIdAndAuth:
             await send(message)
 
         if (self.api_key and scope["method"] != "OPTIONS"
-                and scope["path"].startswith(_PROTECTED_PREFIXES)):
+                and scope["path"] not in self.public):
             auth = headers.get("authorization", "")
             token = auth[7:] if auth.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
@@ -162,7 +163,8 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
         app.add_middleware(CORSMiddleware, allow_origins=list(server_config.allowed_origins),
                            allow_methods=["*"], allow_headers=["*"])
 
-    app.add_middleware(RequestIdAndAuth, api_key=server_config.api_key)
+    app.add_middleware(RequestIdAndAuth, api_key=server_config.api_key,
+                       public_metrics=server_config.public_metrics)
 
     @app.get("/health")
     async def health() -> Response:

@@ -112,10 +112,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 def serve_app(app, config: ServerConfig) -> int:
     """Serve `app` (build_app's) until SIGTERM (status 0) or until its engine fails to start
-    or dies (status 1, after one message naming the problem)."""
+    or dies (status 1, after one message naming the problem). A second SIGTERM or SIGINT
+    during the graceful shutdown ends the process at once (status 128 + the signal)."""
+    import os
+
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            if self.should_exit:  # a second SIGTERM or SIGINT: no more waiting
+                os._exit(128 + sig)
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level,
         timeout_graceful_shutdown=int(config.shutdown_timeout) or None))
     app.state.on_engine_failure = lambda: setattr(server, "should_exit", True)

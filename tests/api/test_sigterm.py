@@ -113,6 +113,20 @@ def test_sigterm_finishes_in_flight_stream_then_exits_0(fake_process):
     assert_exits_cleanly(s.proc, s.log)
 
 
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_ends_the_drain_at_once(fake_process, second):
+    s = fake_process
+    body = {"model": s.model_name, "prompt": "Once upon a time", "max_tokens": MAX_TOKENS,
+            "ignore_eos": True, "stream": True}
+    with s.client() as c, c.stream("POST", C, json=body) as r:
+        assert r.status_code == 200
+        s.proc.send_signal(signal.SIGTERM)
+        s.wait_log("Waiting for connections to close", timeout=30)
+        assert s.proc.poll() is None  # draining: the fake holds the stream
+        s.proc.send_signal(second)
+        assert s.proc.wait(timeout=30) == 128 + second
+
 def test_a_model_that_cannot_load_exits_1_with_one_message(tmp_path):
     """`serve FILE.gguf`: the engine cannot start, so the process says why and exits non-zero
     (a supervisor sees it) instead of answering 503 forever."""

@@ -70,3 +70,12 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return all(o.finished for o in self.outputs)
+
+
+class StepError(RuntimeError):
+    """A step failed (a bug, or a fault a test injected): only `request_ids`, the requests that
+    step ran, are lost; the engine goes on with the others."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids = request_ids

@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.engine.protocol import EngineDeadError
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
@@ -71,6 +73,10 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(status)
         return APIError(status, message, param=None, code=code,
                         headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return APIError(500, str(exc), type="server_error").response()  # what the engine said
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:

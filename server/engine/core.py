@@ -12,7 +12,7 @@ from server.model_runner.runner import ModelRunner, effective_config
 from server.models.errors import ModelLoadError
 from server.models.loader import read_generation_defaults
 from server.models.registry import read_arch_config
-from server.outputs import EngineCoreOutput, EngineStats
+from server.outputs import EngineCoreOutput, EngineStats, StepError
 from server.request import Request, RequestStatus
 from server.sampling_params import SamplingParams
 from server.scheduler.scheduler import Scheduler
@@ -86,7 +86,11 @@ class EngineCore:
     # ------------------------------------------------------------------ one step
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
-        samples = self.runner.execute(scheduler_output)
+        try:
+            samples = self.runner.execute(scheduler_output)
+        except Exception as e:
+            raise StepError([entry.request_id for entry in scheduler_output.scheduled],
+                            e) from e
         return self.scheduler.update_from_output(scheduler_output, samples)
 
     def model_info(self) -> ModelInfo:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.engine.protocol import ModelInfo
-from server.outputs import EngineCoreOutput, EngineStats
+from server.outputs import EngineCoreOutput, EngineStats, StepError
 from server.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -99,10 +99,12 @@ def run_engine_loop(engine: CoreLike, receive: Callable[[bool], list[Command]],
         crashed: list[tuple[str, str]] = []
         try:
             outputs = engine.step()
-        except Exception as e:  # a bug: fail the requests in flight, keep serving others
+        except Exception as e:  # a bug: fail the requests it touched, keep serving the others
             logger.exception("engine step failed")
             outputs = []
-            for request_id in engine.unfinished_request_ids():
+            lost = (e.request_ids if isinstance(e, StepError)
+                    else engine.unfinished_request_ids())  # unknown: everything in flight
+            for request_id in lost:
                 engine.abort_request(request_id)
                 crashed.append((request_id, f"internal engine error: {e}"))
         emit(StepReport(outputs, engine.stats(), time.monotonic() - start, num_applied, failed,

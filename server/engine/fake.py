@@ -16,7 +16,7 @@ from pathlib import Path
 from server.assets import BUNDLED_MODEL_DIR
 from server.engine.async_client import ThreadEngineClient
 from server.engine.protocol import ModelInfo
-from server.outputs import EngineCoreOutput, EngineStats, SampleResult
+from server.outputs import EngineCoreOutput, EngineStats, SampleResult, StepError
 from server.sampling_params import SamplingParams
 
 # (prompt token ids, number of tokens generated so far) -> the next token id
@@ -157,7 +157,8 @@ class FakeEngineCore:
             self.running.append(self.waiting.popleft())
         if self.fail_when is not None and any(self.fail_when(s.prompt_token_ids)
                                               for s in self.running):
-            raise RuntimeError("the fake engine was told to fail this step")
+            raise StepError([s.request_id for s in self.running],
+                            RuntimeError("the fake engine was told to fail this step"))
         outputs = [self._advance(s) for s in self.running]
         self.running = [s for s, out in zip(self.running, outputs) if not out.finished]
         self.num_steps += 1

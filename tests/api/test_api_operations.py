@@ -236,3 +236,36 @@ def test_a_dead_engine_turns_health_503_and_asks_the_server_to_stop(fake_server)
     r = httpx.get(s.base_url + "/health", timeout=5)
     s.assert_error(r, 503, check_param=False)
     assert "the engine died" in r.json()["error"]["message"]
+
+
+def test_a_failing_step_fails_only_its_requests_and_the_engine_goes_on(make_fake_server):
+    """One running sequence at a time; the step that runs the marked prompt raises. That
+    request gets a server_error (in the envelope, and in-band when streaming); the request
+    waiting behind it, which the step did not run, completes; so do later ones."""
+    marked = "BOOM " * 3
+    core = FakeEngineCore(max_num_seqs=1, fail_when=None)
+    s = make_fake_server(core)
+    marked_ids = s.tokenize(marked)["tokens"]
+    core.fail_when = lambda ids: list(ids) == marked_ids
+    core.pause()
+    results: dict[str, httpx.Response] = {}
+
+    def post(name: str, prompt: str) -> None:
+        results[name] = s.post(C, {"model": s.model_name, "prompt": prompt, "max_tokens": 3})
+
+    threads = [threading.Thread(target=post, args=("marked", marked))]
+    threads[0].start()
+    s.wait_engine(lambda c: len(c.added) == 1)
+    threads.append(threading.Thread(target=post, args=("normal", PROMPT)))
+    threads[1].start()
+    s.wait_engine(lambda c: len(c.added) == 2)
+    core.resume()
+    for t in threads:
+        t.join(30)
+    error = s.assert_error(results["marked"], 500, check_param=False, type="server_error")
+    assert "internal engine error" in error["message"]
+    assert results["normal"].status_code == 200, results["normal"].text
+    assert results["normal"].json()["choices"][0]["finish_reason"] == "length"
+    chunks, raw = s.stream(C, {"prompt": marked, "max_tokens": 3})
+    assert '"server_error"' in raw and raw.rstrip().endswith("data: [DONE]")
+    assert s.complete(prompt=PROMPT, max_tokens=2)["usage"]["completion_tokens"] == 2

@@ -192,3 +192,29 @@ def test_engine_core_is_usable_without_llm(model_dirs):
     outputs = [o for o in outputs if o.request_id == "a"]
     assert [len(o.new_token_ids) for o in outputs] == [1, 1, 1]
     assert outputs[-1].finish_reason in ("length", "stop")
+
+
+def test_a_failing_step_names_only_the_requests_it_ran(model_dirs, monkeypatch):
+    from server.config import EngineConfig
+    from server.outputs import StepError
+
+    engine = EngineCore(EngineConfig.from_kwargs(str(model_dirs["llama"]),
+                                                 kv_cache_memory=SMALL_CACHE, max_num_seqs=1))
+    engine.add_request("a", [1, 5, 9], SamplingParams(max_tokens=3, temperature=0))
+    engine.add_request("b", [1, 5], SamplingParams(max_tokens=2, temperature=0))
+    real = engine.runner.execute
+
+    def broken(output):
+        monkeypatch.setattr(engine.runner, "execute", real)  # fails once
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(engine.runner, "execute", broken)
+    with pytest.raises(StepError, match="injected") as e:
+        engine.step()
+    assert e.value.request_ids == ["a"]  # b was waiting: the step did not run it
+    engine.abort_request("a")  # what the engine loop does with the step's requests
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs.extend(engine.step())
+    assert [o.request_id for o in outputs] == ["b", "b"] and outputs[-1].finished
+    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engine.protocol import EngineDeadError
+from server.engine.protocol import EngineDeadError, RequestFailedError
 
 
 class APIError(Exception):
@@ -74,9 +74,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(status, message, param=None, code=code,
                         headers=getattr(exc, "headers", None)).response()
 
-    @app.exception_handler(EngineDeadError)
-    async def _engine(_: Request, exc: EngineDeadError) -> JSONResponse:
+    @app.exception_handler(RequestFailedError)
+    async def _failed(_: Request, exc: RequestFailedError) -> JSONResponse:
         return APIError(500, str(exc), type="server_error").response()  # what the engine said
+
+    @app.exception_handler(EngineDeadError)
+    async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return APIError(503, str(exc), type="service_unavailable_error").response()
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:

@@ -28,6 +28,7 @@ from server.engine.protocol import (
     EngineDeadError,
     EngineNotReadyError,
     ModelInfo,
+    RequestFailedError,
     StepListener,
 )
 from server.outputs import EngineCoreOutput, EngineStats
@@ -106,6 +107,17 @@ class AsyncEngineClient:
         """Abort one engine request (one completion)."""
         self._submit(AbortCommand(request_id))
 
+    def _died(self, error: BaseException) -> None:
+        """From the engine side: the loop is gone for good; every open stream fails now."""
+        self.error = error
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail_all,
+                                            EngineDeadError(f"the engine died: {error}"))
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        for queue, index in list(self._routes.values()):
+            queue.put_nowait((index, error))
+
     def _release(self, child_ids: list[str]) -> None:
         for child_id in child_ids:
             self._routes.pop(child_id, None)
@@ -130,7 +142,7 @@ class AsyncEngineClient:
         the event loop."""
         items: list[_Item] = [(o.request_id, o) for o in report.outputs]
         items += [(r, ValueError(m)) for r, m in report.failed]
-        items += [(r, EngineDeadError(m)) for r, m in report.crashed]
+        items += [(r, RequestFailedError(m)) for r, m in report.crashed]
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._apply_report, report, items)
 
@@ -234,14 +246,20 @@ class ThreadEngineClient(AsyncEngineClient):
             run_engine_loop(engine, self._receive, self._on_report)
         except BaseException as e:  # the loop itself broke: /health turns 503
             logger.exception("the engine loop died")
-            self.error = e
+            self._died(e)
 
 
 def _engine_process_main(config: EngineConfig, conn, log_level: int) -> None:
     """Entry point of the engine process: load, report, then serve commands over `conn`.
     Logs at the parent's level (a spawned process starts with logging unconfigured)."""
+    import signal
+
     from server.engine.core import EngineCore
 
+    # The server decides when the engine stops (StopCommand, or the pipe closing): a Ctrl-C to
+    # the process group must not kill the engine under requests the server is still draining.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     try:
         engine = EngineCore(config)
@@ -273,12 +291,14 @@ class ProcessEngineClient(AsyncEngineClient):
                                         name="pagedserve-engine", daemon=True)
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._send_lock = threading.Lock()
+        self._stopping = False
 
     def _start(self) -> None:
         self._process.start()
         self._reader.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
         if self._process.is_alive():
             try:
                 self._submit(StopCommand())
@@ -306,10 +326,16 @@ class ProcessEngineClient(AsyncEngineClient):
                 kind, report = self._conn.recv()
                 self._on_report(report)
         except EOFError:
-            return
+            if not self._stopping:
+                logger.error("the engine process exited")
+                self._died(EngineDeadError("the engine process exited"))
         except BaseException as e:  # reported through `error` and /health
-            logger.error("engine start-up failed: %s", e)
-            self.error = e
+            if self.model_info is None:
+                logger.error("engine start-up failed: %s", e)
+                self.error = e
+            else:
+                logger.error("the engine process failed: %s", e)
+                self._died(e)
 
 
 def make_engine_client(config: EngineConfig, mode: str = "thread") -> AsyncEngineClient:

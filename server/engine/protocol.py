@@ -18,7 +18,12 @@ class EngineNotReadyError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    pass
+    """The engine loop is gone: every open stream fails with this (a 503), and so would any
+    new request."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request (a step that ran it raised) and goes on (a 500)."""
 
 
 @dataclass(frozen=True)

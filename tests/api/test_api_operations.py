@@ -269,3 +269,53 @@ def test_a_failing_step_fails_only_its_requests_and_the_engine_goes_on(make_fake
     chunks, raw = s.stream(C, {"prompt": marked, "max_tokens": 3})
     assert '"server_error"' in raw and raw.rstrip().endswith("data: [DONE]")
     assert s.complete(prompt=PROMPT, max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
+class _LoopKiller(BaseException):
+    """Escapes the engine loop's handling of failed steps: the loop itself dies."""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_requests_in_flight_get_a_prompt_503_when_the_engine_dies(make_fake_server, stream):
+    waiting = "The cat sat"
+    dying = "BOOM BOOM"
+    core = FakeEngineCore(max_num_seqs=1)
+    s = make_fake_server(core)
+    dying_ids = s.tokenize(dying)["tokens"]
+    repeat = core.token_fn
+
+    def token_fn(prompt, i):
+        if list(prompt) == dying_ids:
+            raise _LoopKiller()
+        return repeat(prompt, i)
+
+    core.token_fn = token_fn
+    core.pause()
+    results: dict[str, object] = {}
+
+    def post(name: str, prompt: str) -> None:
+        body = {"model": s.model_name, "prompt": prompt, "max_tokens": 3, "stream": stream}
+        results[name] = s.post(C, body)
+
+    threads = [threading.Thread(target=post, args=("dying", dying)),
+               threading.Thread(target=post, args=("waiting", waiting))]
+    threads[0].start()
+    s.wait_engine(lambda c: len(c.added) == 1)
+    threads[1].start()
+    s.wait_engine(lambda c: len(c.added) == 2)
+    core.resume()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive(), "a request hung after the engine died"
+    for name in ("dying", "waiting"):
+        r = results[name]
+        if stream:
+            assert r.status_code == 200 and '"error"' in r.text, r.text
+            assert r.text.rstrip().endswith("data: [DONE]")
+        else:
+            error = s.assert_error(r, 503, check_param=False, type="service_unavailable_error")
+            assert "the engine died" in error["message"]
+    s.assert_error(httpx.get(s.base_url + "/health", timeout=5), 503, check_param=False)
+    s.assert_error(s.post(C, {"model": s.model_name, "prompt": waiting, "max_tokens": 1}), 503,
+                   check_param=False)
+    assert s.app.state.engine_failure.startswith("the engine died")

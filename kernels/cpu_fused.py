@@ -67,14 +67,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def supports_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """fp32 CPU x [rows, heads, head_dim] with heads contiguous within a row, an even head_dim,
+    and contiguous fp32 cos, sin."""
+    return (x.device.type == "cpu" and x.dim() == 3
+            and x.dtype == cos.dtype == sin.dtype == torch.float32
+            and x.stride(2) == 1 and x.stride(1) == x.shape[2] and x.shape[2] % 2 == 0
+            and cos.is_contiguous() and sin.is_contiguous())
+
+
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split RoPE of x [rows, heads, head_dim] in place (heads contiguous within a row);
-    cos, sin: [rows, head_dim] contiguous, or [rows, 1, head_dim]."""
+    """Half-split RoPE of x [rows, heads, head_dim] in place (`supports_rotary`); cos, sin:
+    [rows, head_dim], or [rows, 1, head_dim]."""
+    assert supports_rotary(x, cos, sin)
     rows, heads, head_dim = x.shape
     cos, sin = cos.reshape(rows, head_dim), sin.reshape(rows, head_dim)
-    assert x.dtype == cos.dtype == sin.dtype == torch.float32 and x.device.type == "cpu"
-    assert x.stride(2) == 1 and x.stride(1) == head_dim and head_dim % 2 == 0
-    assert cos.is_contiguous() and sin.is_contiguous()
     _lib().pagedserve_rotary_f32(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), rows,
                                  heads, head_dim, torch.get_num_threads())
     return x

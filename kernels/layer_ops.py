@@ -39,8 +39,6 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            backend: str = "auto") -> torch.Tensor:
     """Rotary embedding of x [num_tokens, heads, head_dim]; may rotate x in place, so x must be
     the caller's own (a view into a fresh projection output, say)."""
-    if (backend in _FUSED and cpu_fused.available() and x.device.type == "cpu"
-            and x.dtype == cos.dtype == torch.float32 and x.stride(2) == 1
-            and x.stride(1) == x.shape[2] and cos.is_contiguous() and sin.is_contiguous()):
+    if backend in _FUSED and cpu_fused.available() and cpu_fused.supports_rotary(x, cos, sin):
         return cpu_fused.rotary_(x, cos, sin)
     return reference.rotary(x, cos, sin)

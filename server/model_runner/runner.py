@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from server.config import DTYPES, EngineConfig
+from server.config import EngineConfig
 from server.model_runner.cpu import choose_kernels, compiled_decode_step, pack_for_cpu
 from server.model_runner.cpu_allocator import keep_freed_memory_mapped
 from server.model_runner.request_state import RequestState
@@ -63,10 +63,9 @@ def effective_config(config: EngineConfig, runner: ModelRunner,
                      max_model_len: int) -> EngineConfig:
     """`config` with what start-up resolved: the context length, dtype, device, kernels, block
     count (and the memory it takes) and the step's token budget."""
-    dtype = next(name for name in DTYPES if name != "auto"
-                 and resolve_dtype(name, runner.arch) == runner.dtype)
     model = dataclasses.replace(
-        config.model, max_model_len=max_model_len, dtype=dtype, device=runner.device.type,
+        config.model, max_model_len=max_model_len,
+        dtype=str(runner.dtype).removeprefix("torch."), device=runner.device.type,
         attention_backend=runner.kernels.attention_backend,
         compiled_decode=runner.compiled_step is not None)
     cache = dataclasses.replace(config.cache, num_blocks=runner.num_blocks,
@@ -105,10 +104,9 @@ class ModelRunner:
                           for _ in range(arch.num_layers)]
         self.compiled_step, compiled = compiled_decode_step(self.model, config.model,
                                                             self.kernels, self.kv_caches)
-        self.paths = (f"attention {self.kernels.attention_backend}, fused layer ops "
-                      f"{'on' if self.kernels.fused_ops else 'off'}, linear weights {packed}, "
-                      f"compiled decode step {compiled}")
-        logger.info("kernels: %s", self.paths)
+        logger.info("kernels: attention %s, fused layer ops %s, linear weights %s, compiled "
+                    "decode step %s", self.kernels.attention_backend,
+                    "on" if self.kernels.fused_ops else "off", packed, compiled)
         self.sampler = Sampler(seed=config.model.seed)
         self._states: dict[str, RequestState] = {}
         self._generators: dict[str, torch.Generator] = {}

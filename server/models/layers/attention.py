@@ -9,6 +9,7 @@ from torch import nn
 import kernels
 from server.models.arch_config import ArchConfig
 from server.models.attention_metadata import AttentionMetadata
+from server.models.base import ModelOptions
 from server.models.layers.linear import Linear, MergedLinear
 from server.models.layers.norm import RMSNorm
 
@@ -17,7 +18,7 @@ Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin at the step's positions: [t
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ArchConfig, options) -> None:  # options: models.base.ModelOptions
+    def __init__(self, cfg: ArchConfig, options: ModelOptions) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_heads, cfg.num_kv_heads,
                                                             cfg.head_dim)

@@ -68,6 +68,7 @@ def get_linear_method(quantization: str) -> LinearMethod:
 class Linear(nn.Module):
     """y = x W^T + b, W [output_size, input_size], in the format of `method`."""
 
+    merged = False  # MergedLinear: the checkpoint fills the weight in shards 0..n-1
     weight: nn.Parameter  # the method's parameters; other methods add their own
     bias: nn.Parameter | None
     packed: PackedWeight | None = None  # set by the method's `pack`
@@ -84,10 +85,6 @@ class Linear(nn.Module):
         self.has_bias = bias
         self.method = method or UnquantizedLinearMethod()
         self.method.create_weights(self, dtype or torch.get_default_dtype())
-
-    @property
-    def merged(self) -> bool:
-        return isinstance(self, MergedLinear)
 
     def load_shard(self, param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
         """The weight_loader of this layer's parameters: shard `shard_id` (None: all of it)."""
@@ -110,6 +107,8 @@ class Linear(nn.Module):
 class MergedLinear(Linear):
     """Several projections of the same input in one GEMM: output shard i is `output_sizes[i]`
     rows of W, loaded from its own checkpoint tensor (shard id i)."""
+
+    merged = True
 
     def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False,
                  method: LinearMethod | None = None, dtype: torch.dtype | None = None) -> None:

@@ -5,13 +5,14 @@ from torch import nn
 
 import kernels
 from server.models.arch_config import ArchConfig
+from server.models.base import ModelOptions
 from server.models.layers.linear import Linear, MergedLinear
 
 
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)), gate and up in one GEMM (gate_up_proj)."""
 
-    def __init__(self, cfg: ArchConfig, options) -> None:  # options: models.base.ModelOptions
+    def __init__(self, cfg: ArchConfig, options: ModelOptions) -> None:
         super().__init__()
         method, dtype = options.linear_method, options.dtype
         self.backend = options.kernel_backend

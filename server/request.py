@@ -9,6 +9,27 @@ from collections.abc import Sequence
 from server.sampling_params import SamplingParams
 
 
+def checked_max_tokens(prompt_token_ids: Sequence[int], params: SamplingParams,
+                       vocab_size: int, max_model_len: int) -> int:
+    """The engine's check of one completion request (n > 1 is fanned out by the front end,
+    engine/fan_out.py): raises ValueError for one it cannot serve, else returns its effective
+    output cap, clipped to the room max_model_len leaves."""
+    if params.n != 1:
+        raise ValueError(f"the engine core runs one completion per request, got "
+                         f"n={params.n}; fan out with server.engine.fan_out")
+    num_prompt = len(prompt_token_ids)
+    if num_prompt == 0:
+        raise ValueError("the prompt must contain at least one token")
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is out of range for a vocabulary of {vocab_size}")
+    if num_prompt >= max_model_len:
+        raise ValueError(f"the prompt has {num_prompt} tokens; max_model_len="
+                         f"{max_model_len} leaves no room for output")
+    room = max_model_len - num_prompt
+    return min(params.max_tokens or room, room)
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

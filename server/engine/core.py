@@ -13,7 +13,7 @@ from server.models.errors import ModelLoadError
 from server.models.loader import read_generation_defaults
 from server.models.registry import read_arch_config
 from server.outputs import EngineCoreOutput, EngineStats, StepError
-from server.request import Request, RequestStatus
+from server.request import Request, RequestStatus, checked_max_tokens
 from server.sampling_params import SamplingParams
 from server.scheduler.scheduler import Scheduler
 
@@ -53,23 +53,10 @@ class EngineCore:
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     sampling_params: SamplingParams, arrival_time: float | None = None) -> None:
-        """Validate and enqueue one completion (n > 1 is fanned out by the front end,
-        engine/fan_out.py); raises ValueError for a request that cannot be served."""
-        if sampling_params.n != 1:
-            raise ValueError(f"the engine core runs one completion per request, got "
-                             f"n={sampling_params.n}; fan out with server.engine.fan_out")
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise ValueError("the prompt must contain at least one token")
-        vocab = self.arch.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is out of range for a vocabulary of {vocab}")
-        if num_prompt >= self.max_model_len:
-            raise ValueError(f"the prompt has {num_prompt} tokens; max_model_len="
-                             f"{self.max_model_len} leaves no room for output")
-        room = self.max_model_len - num_prompt
-        max_tokens = min(sampling_params.max_tokens or room, room)
+        """Validate (request.checked_max_tokens) and enqueue one completion; raises ValueError
+        for a request that cannot be served."""
+        max_tokens = checked_max_tokens(prompt_token_ids, sampling_params, self.arch.vocab_size,
+                                        self.max_model_len)
         self.scheduler.add_request(Request(request_id, prompt_token_ids, sampling_params,
                                            eos_token_ids=self.generation.eos_token_ids,
                                            max_tokens=max_tokens, arrival_time=arrival_time))

@@ -17,6 +17,7 @@ from server.assets import BUNDLED_MODEL_DIR
 from server.engine.async_client import ThreadEngineClient
 from server.engine.protocol import ModelInfo
 from server.outputs import EngineCoreOutput, EngineStats, SampleResult, StepError
+from server.request import checked_max_tokens
 from server.sampling_params import SamplingParams
 
 # (prompt token ids, number of tokens generated so far) -> the next token id
@@ -110,21 +111,10 @@ class FakeEngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     sampling_params: SamplingParams, arrival_time: float | None = None) -> None:
-        if sampling_params.n != 1:
-            raise ValueError("the engine core runs one completion per request")
-        if not prompt_token_ids:
-            raise ValueError("the prompt must contain at least one token")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is out of range for a vocabulary of "
-                             f"{self.vocab_size}")
+        max_tokens = checked_max_tokens(prompt_token_ids, sampling_params, self.vocab_size,
+                                        self.max_model_len)
         if request_id in self.unfinished_request_ids():
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        room = self.max_model_len - len(prompt_token_ids)
-        if room < 1:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; max_model_len="
-                             f"{self.max_model_len} leaves no room for output")
-        max_tokens = min(sampling_params.max_tokens or room, room)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         self.waiting.append(_Sequence(request_id, list(prompt_token_ids), sampling_params,
                                       max_tokens, arrival))

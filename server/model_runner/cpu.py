@@ -40,8 +40,7 @@ def choose_kernels(config: ModelConfig, device: torch.device, dtype: torch.dtype
     if device.type != "cpu":
         return KernelChoice("triton" if asked == "auto" else asked, "torch", native=False)
     native = asked in ("auto", "cpu")
-    attention = "cpu" if native and cpu_attention.available() else (
-        "torch" if asked in ("auto", "cpu") else asked)
+    attention = ("cpu" if cpu_attention.available() else "torch") if native else asked
     fused = native and dtype == torch.float32 and cpu_fused.available()
     return KernelChoice(attention, "cpu" if fused else "torch", native)
 

@@ -54,6 +54,10 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--public-metrics", action=argparse.BooleanOptionalAction,
                         default=default_of(ServerConfig, "public_metrics"),
                         help="serve /metrics without the API key (for a Prometheus scraper)")
+    parser.add_argument("--debug-endpoints", action=argparse.BooleanOptionalAction,
+                        default=default_of(ServerConfig, "debug_endpoints"),
+                        help="add GET /debug/engine: the engine's KV-pool and request-table "
+                             "consistency check (for soaks and tests)")
     parser.add_argument("--max-queued-requests", type=int,
                         default=default_of(ServerConfig, "max_queued_requests"),
                         help="waiting requests beyond which new ones get 429")

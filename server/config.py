@@ -139,6 +139,7 @@ class ServerConfig:
     served_model_name: str | None = None  # None: the model directory's name
     api_key: str | None = None  # guards every route but /health (and /metrics, if public)
     public_metrics: bool = False  # /metrics answers without the API key (for a scraper)
+    debug_endpoints: bool = False  # GET /debug/engine: the engine's consistency check
     max_queued_requests: int = 1024
     allowed_origins: tuple[str, ...] = ()
     max_request_body_bytes: int = 16 << 20

@@ -43,6 +43,18 @@ class EngineStats:
 
 
 
+@dataclass(frozen=True, slots=True)
+class EngineCheck:
+    """The engine's consistency, checked between two steps: what it holds, and the first
+    broken invariant of the KV pool and the request tables (None when all hold)."""
+
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    problem: str | None
+
+
 @dataclass
 class CompletionOutput:
     index: int

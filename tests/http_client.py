@@ -225,6 +225,25 @@ class ServerClient:
                                           "pagedserve:kv_cache_usage_perc")}
         raise AssertionError(f"server {self.name} still busy after {timeout} s: {running}")
 
+    def engine_check(self) -> dict:
+        """GET /debug/engine (a server with debug endpoints): the pool's invariant check."""
+        r = self.get("/debug/engine")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait_settled(self, timeout: float = 30.0) -> dict:
+        """Poll the engine check until nothing runs or waits; asserts the invariants hold and
+        every KV block is back in the free list, and returns the last check."""
+        deadline = time.monotonic() + timeout
+        check = self.engine_check()
+        while check["num_running"] or check["num_waiting"]:
+            assert time.monotonic() < deadline, f"server {self.name} still busy: {check}"
+            time.sleep(0.05)
+            check = self.engine_check()
+        assert check["problem"] is None, check
+        assert check["num_free_blocks"] == check["num_blocks"], f"blocks leaked: {check}"
+        return check
+
     def wait_metric(self, name: str, predicate, timeout: float = 10.0) -> float:
         deadline = time.monotonic() + timeout
         value = None

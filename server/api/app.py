@@ -4,6 +4,7 @@ lifespan (the engine thread), health and metrics."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import time
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import __version__
 from server.api.errors import APIError, from_validation_error, install_error_handlers
 from server.api.metrics import Metrics
+from server.api.openapi import install_openapi, json_body
 from server.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -159,6 +161,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
     app.state.metrics = metrics
     app.state.engine_failure = None  # why the engine is gone for good, once it is
     install_error_handlers(app)
+    install_openapi(app)
     if server_config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(server_config.allowed_origins),
                            allow_methods=["*"], allow_headers=["*"])
@@ -200,17 +203,23 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
                            code="model_not_found")
         return model_card()
 
-    @app.post("/v1/completions")
+    if server_config.debug_endpoints:
+        @app.get("/debug/engine")
+        async def debug_engine() -> dict:
+            ctx.check_ready()
+            return dataclasses.asdict(await engine.check())
+
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request):
         body = await read_body(request, CompletionRequest, limit)
         return await create_completion(ctx, body, request)  # type: ignore[arg-type]
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
         body = await read_body(request, ChatCompletionRequest, limit)
         return await create_chat_completion(ctx, body, request)  # type: ignore[arg-type]
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
     async def tokenize(request: Request) -> JSONResponse:
         body: TokenizeRequest = await read_body(request, TokenizeRequest, limit)  # type: ignore
         ctx.check_ready()
@@ -225,7 +234,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
         return JSONResponse({"count": len(tokens), "max_model_len": ctx.model.max_model_len,
                              "tokens": tokens})
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
     async def detokenize(request: Request) -> JSONResponse:
         body: DetokenizeRequest = await read_body(request, DetokenizeRequest, limit)  # type: ignore
         ctx.check_ready()

@@ -17,6 +17,7 @@ from server.config import ENGINE_MODES, LOG_FORMAT, EngineConfig
 from server.engine.engine_loop import (
     AbortCommand,
     AddCommand,
+    CheckCommand,
     Command,
     CoreLike,
     StepReport,
@@ -31,7 +32,7 @@ from server.engine.protocol import (
     RequestFailedError,
     StepListener,
 )
-from server.outputs import EngineCoreOutput, EngineStats
+from server.outputs import EngineCheck, EngineCoreOutput, EngineStats
 from server.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class AsyncEngineClient:
         # way into the engine.
         self._num_adds_submitted = 0
         self._num_adds_applied = 0
+        self._checks: deque[asyncio.Future[EngineCheck]] = deque()  # answered in order
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop,
@@ -107,6 +109,15 @@ class AsyncEngineClient:
         """Abort one engine request (one completion)."""
         self._submit(AbortCommand(request_id))
 
+    async def check(self) -> EngineCheck:
+        """The engine's consistency check, run between two steps."""
+        if not self.alive:
+            raise EngineNotReadyError("the engine is not ready")
+        answer: asyncio.Future[EngineCheck] = asyncio.get_running_loop().create_future()
+        self._checks.append(answer)
+        self._submit(CheckCommand())
+        return await answer
+
     def _died(self, error: BaseException) -> None:
         """From the engine side: the loop is gone for good; every open stream fails now."""
         self.error = error
@@ -117,6 +128,10 @@ class AsyncEngineClient:
     def _fail_all(self, error: EngineDeadError) -> None:
         for queue, index in list(self._routes.values()):
             queue.put_nowait((index, error))
+        while self._checks:
+            answer = self._checks.popleft()
+            if not answer.done():
+                answer.set_exception(error)
 
     def _release(self, child_ids: list[str]) -> None:
         for child_id in child_ids:
@@ -127,6 +142,10 @@ class AsyncEngineClient:
         self._num_adds_applied = report.num_adds_applied
         if self._step_listener is not None:
             self._step_listener(report.outputs, report.stats)
+        for check in report.checks:
+            answer = self._checks.popleft()
+            if not answer.done():  # its caller may have gone
+                answer.set_result(check)
         for request_id, item in items:
             route = self._routes.get(request_id)
             if route is None:

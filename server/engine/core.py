@@ -12,7 +12,7 @@ from server.model_runner.runner import ModelRunner, effective_config
 from server.models.errors import ModelLoadError
 from server.models.loader import read_generation_defaults
 from server.models.registry import read_arch_config
-from server.outputs import EngineCoreOutput, EngineStats, StepError
+from server.outputs import EngineCheck, EngineCoreOutput, EngineStats, StepError
 from server.request import Request, RequestStatus, checked_max_tokens
 from server.sampling_params import SamplingParams
 from server.scheduler.scheduler import Scheduler
@@ -92,3 +92,15 @@ class EngineCore:
             prefix_cache_hits=self.kv_cache.stats.hits,
             num_preemptions=self.scheduler.num_preemptions,
         )
+
+    def check(self) -> EngineCheck:
+        """The pool's invariants (block_pool.py, manager.py), and no block table without a live
+        request: a leak shows here."""
+        try:
+            self.kv_cache.check_invariants()
+            strays = sorted(set(self.kv_cache.req_to_blocks) - set(self.scheduler.requests))
+            problem = f"blocks held by finished requests: {strays[:5]}" if strays else None
+        except AssertionError as e:
+            problem = str(e) or "a KV pool invariant does not hold"
+        return EngineCheck(self.scheduler.num_running, self.scheduler.num_waiting,
+                           self.kv_cache.num_blocks, self.kv_cache.num_free_blocks, problem)

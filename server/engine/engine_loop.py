@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.engine.protocol import ModelInfo
-from server.outputs import EngineCoreOutput, EngineStats, StepError
+from server.outputs import EngineCheck, EngineCoreOutput, EngineStats, StepError
 from server.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ class CoreLike(Protocol):
 
     def model_info(self) -> ModelInfo: ...
 
+    def check(self) -> EngineCheck: ...
+
 
 @dataclass(slots=True)
 class AddCommand:
@@ -51,11 +53,16 @@ class AbortCommand:
 
 
 @dataclass(slots=True)
+class CheckCommand:
+    """Run the core's consistency check between two steps; the next report carries it."""
+
+
+@dataclass(slots=True)
 class StopCommand:
     pass
 
 
-Command = AddCommand | AbortCommand | StopCommand
+Command = AddCommand | AbortCommand | CheckCommand | StopCommand
 
 
 @dataclass(slots=True)
@@ -68,6 +75,7 @@ class StepReport:
     num_adds_applied: int  # running total, so the client knows how many adds are still queued
     failed: list[tuple[str, str]] = field(default_factory=list)  # (request_id, message)
     crashed: list[tuple[str, str]] = field(default_factory=list)  # requests failed by a bug
+    checks: list[EngineCheck] = field(default_factory=list)  # one per CheckCommand, in order
 
 
 def run_engine_loop(engine: CoreLike, receive: Callable[[bool], list[Command]],
@@ -78,11 +86,15 @@ def run_engine_loop(engine: CoreLike, receive: Callable[[bool], list[Command]],
     while True:
         commands = receive(not engine.has_unfinished_requests())
         failed: list[tuple[str, str]] = []
+        checks: list[EngineCheck] = []
         for command in commands:
             if isinstance(command, StopCommand):
                 return
             if isinstance(command, AbortCommand):
                 engine.abort_request(command.request_id)
+                continue
+            if isinstance(command, CheckCommand):
+                checks.append(engine.check())
                 continue
             num_applied += 1
             try:
@@ -90,9 +102,9 @@ def run_engine_loop(engine: CoreLike, receive: Callable[[bool], list[Command]],
                                    command.params, arrival_time=command.arrival_time)
             except ValueError as e:
                 failed.append((command.request_id, str(e)))
-        if commands and not engine.has_unfinished_requests():
-            emit(StepReport([], engine.stats(), 0.0, num_applied, failed))
-            continue
+        if checks or (commands and not engine.has_unfinished_requests()):
+            emit(StepReport([], engine.stats(), 0.0, num_applied, failed, checks=checks))
+            failed = []
         if not engine.has_unfinished_requests():
             continue
         start = time.monotonic()

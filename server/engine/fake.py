@@ -16,7 +16,7 @@ from pathlib import Path
 from server.assets import BUNDLED_MODEL_DIR
 from server.engine.async_client import ThreadEngineClient
 from server.engine.protocol import ModelInfo
-from server.outputs import EngineCoreOutput, EngineStats, SampleResult, StepError
+from server.outputs import EngineCheck, EngineCoreOutput, EngineStats, SampleResult, StepError
 from server.request import checked_max_tokens
 from server.sampling_params import SamplingParams
 
@@ -137,6 +137,12 @@ class FakeEngineCore:
         return EngineStats(num_running=len(self.running), num_waiting=len(self.waiting),
                            kv_cache_usage=len(self.running) / self.max_num_seqs,
                            prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0)
+
+    def check(self) -> EngineCheck:
+        """The fake holds no KV blocks; a sequence in both queues is its one invariant."""
+        both = {s.request_id for s in self.waiting} & {s.request_id for s in self.running}
+        return EngineCheck(len(self.running), len(self.waiting), 0, 0,
+                           f"running and waiting at once: {sorted(both)}" if both else None)
 
     def step(self) -> list[EngineCoreOutput]:
         if not self._wait_for_go():

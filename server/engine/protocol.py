@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from server.outputs import EngineCoreOutput, EngineStats
+from server.outputs import EngineCheck, EngineCoreOutput, EngineStats
 from server.sampling_params import SamplingParams
 
 
@@ -87,3 +87,6 @@ class EngineClient(Protocol):
     def abort(self, request_id: str) -> None:
         """Abort one engine request: a completion (see fan_out.py), or a whole request of n=1;
         streams abort their own requests when closed."""
+
+    async def check(self) -> EngineCheck:
+        """Run the engine's consistency check between two steps (the debug endpoint)."""

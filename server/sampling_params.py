@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20  # most top-N logprobs per token (OpenAI's chat limit)
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # what a torch generator's seed and a tensor hold
 
 
 @dataclass
@@ -37,7 +38,8 @@ class SamplingParams:
         check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
         if self.top_k == -1:
             self.top_k = 0
-        check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be -1, 0 or >= 1")
+        check(isinstance(self.top_k, int) and 0 <= self.top_k <= INT64_MAX, "top_k",
+              "must be -1, 0 or in [1, 2**63)")
         check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
@@ -54,6 +56,8 @@ class SamplingParams:
                 if not -100.0 <= bias <= 100.0:
                     raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        check(self.seed is None or INT64_MIN <= self.seed <= INT64_MAX, "seed",
+              "must fit in 64 bits")
 
     @property
     def greedy(self) -> bool:

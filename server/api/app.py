@@ -16,12 +16,12 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
-from server.api.errors import APIError, from_validation_error, install_error_handlers
+from server.api.body import read_body
+from server.api.errors import APIError, install_error_handlers
 from server.api.metrics import Metrics
 from server.api.openapi import install_openapi, json_body
 from server.api.protocol import (
@@ -80,24 +80,6 @@ class RequestIdAndAuth:
 
 def served_name(engine_config: EngineConfig, server_config: ServerConfig) -> str:
     return server_config.served_model_name or Path(engine_config.model.model).name
-
-
-async def read_body(request: Request, model: type[BaseModel], limit: int) -> BaseModel:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body is larger than {limit} bytes",
-                       code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body is larger than {limit} bytes",
-                           code="request_too_large")
-        chunks.append(chunk)
-    try:
-        return model.model_validate_json(b"".join(chunks))
-    except ValidationError as e:
-        raise from_validation_error(e) from None
 
 
 def build_app(engine_config: EngineConfig, server_config: ServerConfig,

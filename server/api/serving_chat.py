@@ -65,14 +65,18 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     ctx.check_ready()
     ctx.check_model(body)
     ctx.check_token_fields(body)
+    ctx.check_num_completions(body.n, "n")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     prompt_ids = render_chat(ctx, body.messages, body.add_generation_prompt)
     max_tokens = body.requested_max_tokens
-    ctx.check_context(len(prompt_ids), max_tokens, prompt_param="messages")
+    max_tokens_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    ctx.check_context(len(prompt_ids), max_tokens, prompt_param="messages",
+                      max_tokens_param=max_tokens_param)
     num_top = body.top_logprobs or 0
-    params = sampling_params_for(body, max_tokens, num_top if body.logprobs else None)
-    ctx.check_queue(1)
+    params = sampling_params_for(body, max_tokens, num_top if body.logprobs else None,
+                                 explicit_max_tokens=True)
+    ctx.check_queue(body.n)
     if ctx.metrics is not None:
         ctx.metrics.on_prompt(len(prompt_ids))
     chat = _Chat(ctx, body, prompt_ids, params, num_top)

@@ -61,7 +61,16 @@ class ServingContext:
         if not self.ready:
             raise APIError(503, "the engine is not ready", type="service_unavailable_error")
 
+    def check_num_completions(self, num_completions: int, param: str) -> None:
+        """A request whose completions (prompts x n) could never fit in the waiting queue is a
+        400 naming `param`, before any of its prompts is tokenized."""
+        if num_completions > self.max_queued_requests:
+            raise bad_request(f"the request asks for {num_completions} completions (prompts x "
+                              f"n); this server queues at most {self.max_queued_requests}",
+                              param=param)
+
     def check_queue(self, num_requests: int) -> None:
+        """Room in the waiting queue for `num_requests` engine requests (one per completion)."""
         if self.engine.num_waiting + num_requests > self.max_queued_requests:
             raise APIError(429, f"the waiting queue is full ({self.max_queued_requests} "
                            "requests); retry later", type="rate_limit_error",
@@ -81,7 +90,7 @@ class ServingContext:
             self.check_token_ids(body.stop_token_ids, "stop_token_ids")
 
     def check_context(self, num_prompt_tokens: int, max_tokens: int | None,
-                      prompt_param: str = "prompt") -> None:
+                      prompt_param: str = "prompt", max_tokens_param: str = "max_tokens") -> None:
         """Raise 400 context_length_exceeded when the prompt (plus explicit max_tokens) is
         longer than the model's context."""
         max_model_len = self.model.max_model_len
@@ -96,7 +105,8 @@ class ServingContext:
                 f"This model's maximum context length is {max_model_len} tokens. However, "
                 f"you requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} "
                 f"in the prompt, {max_tokens} for the completion). Please reduce the prompt "
-                "or max_tokens.", param="max_tokens", code="context_length_exceeded")
+                f"or {max_tokens_param}.", param=max_tokens_param,
+                code="context_length_exceeded")
 
 
     def submit(self, request_id: str, prompt_ids: list[int],
@@ -113,7 +123,12 @@ def new_id(prefix: str) -> str:
 
 
 def sampling_params_for(body: _SamplingFields, max_tokens: int | None,
-                        logprobs: int | None) -> SamplingParams:
+                        logprobs: int | None, explicit_max_tokens: bool) -> SamplingParams:
+    """`max_tokens` is the output cap in effect; `explicit_max_tokens` whether the client set it
+    (min_tokens above a default cap is clipped to it, above the client's own is a 400)."""
+    if explicit_max_tokens and max_tokens is not None and body.min_tokens > max_tokens:
+        raise bad_request(f"min_tokens ({body.min_tokens}) must be <= max_tokens "
+                          f"({max_tokens})", param="min_tokens")
     try:
         return body.to_sampling_params(max_tokens, logprobs)
     except ValueError as e:

@@ -38,10 +38,12 @@ class _Prepared:
         if body.echo and body.logprobs is not None:
             raise bad_request("echo with logprobs (prompt logprobs) is not supported yet",
                               param="echo")
+        prompts = body.prompts()
+        ctx.check_num_completions(len(prompts) * body.n, "n" if body.n > 1 else "prompt")
         explicit_max = "max_tokens" in body.model_fields_set and body.max_tokens is not None
         self.prompt_ids: list[list[int]] = []
         self.prompt_texts: list[str] = []
-        for prompt in body.prompts():
+        for prompt in prompts:
             if isinstance(prompt, str):
                 ids = list(ctx.tokenizer(prompt).input_ids)
                 text = prompt
@@ -53,8 +55,8 @@ class _Prepared:
             ctx.check_context(len(ids), body.max_tokens if explicit_max else None)
             self.prompt_ids.append(ids)
             self.prompt_texts.append(text)
-        self.params = sampling_params_for(body, body.max_tokens, body.logprobs)
-        ctx.check_queue(len(self.prompt_ids))
+        self.params = sampling_params_for(body, body.max_tokens, body.logprobs, explicit_max)
+        ctx.check_queue(len(self.prompt_ids) * body.n)
         self.id = new_id("cmpl")
         self.created = int(time.time())
         self.choices: list[ChoiceState] = []

@@ -30,6 +30,8 @@ _BENCH_COMMANDS = {
                    "(SmolLM2-shaped, or the tests' tiny Llama/Qwen/Mistral variants)"),
     "roofline": ("server.bench.roofline", "this machine's matmul rate and memory bandwidth, "
                  "and the workload's ceilings"),
+    "soak": ("server.bench.soak", "a long mixed workload with disconnects and bad input: "
+             "answers, latency, RSS and KV use over time, then the engine's check"),
     "kernels": ("server.bench.kernels", "Triton kernel correctness and speed on CUDA"),
     "profile": ("server.bench.profile_step", "where a decode step's time goes: phases and "
                 "top ops at a fixed batch"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -14,15 +13,10 @@ import time
 import httpx
 
 from server.bench.serve import make_prompts, run
+from server.bench.server_process import free_port
 from server.config import ENGINE_MODES
 
 MODES = ENGINE_MODES
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(mode: str, model: str | None, port: int, extra: list[str], log) -> subprocess.Popen:
@@ -68,7 +62,7 @@ def main(args) -> int:
     with open(args.log, "a") as log:
         for round_index in range(args.rounds):
             for mode in MODES:
-                port = _free_port()
+                port = free_port()
                 proc = _start(mode, args.model, port, extra, log)
                 try:
                     summary = asyncio.run(run(

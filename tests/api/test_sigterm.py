@@ -1,6 +1,7 @@
 """Graceful SIGTERM over the fake engine, in a process of its own (tests/api/fake_serve.py): a
 stream in flight when the signal arrives, held there by the fake core, still gets every token,
-new connections are refused meanwhile, and the process then exits 0."""
+and so does every one of 64 requests under load; new connections are refused meanwhile, and the
+process then exits 0."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +39,8 @@ class FakeServeProcess(ServerClient):
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if k != "PAGEDSERVE_API_KEY"}
         cmd = [sys.executable, "-m", "tests.api.fake_serve", "--port", str(self.port),
-               "--served-model-name", self.model_name, "--log-level", "info"]
+               "--served-model-name", self.model_name, "--log-level", "info",
+               "--debug-endpoints"]
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE,
                                          stdout=log, stderr=subprocess.STDOUT)
@@ -112,6 +115,52 @@ def test_sigterm_finishes_in_flight_stream_then_exits_0(fake_process):
     assert finish[-1] == "length" and not any(finish[:-1])
     assert_exits_cleanly(s.proc, s.log)
 
+
+def _full_answer(s: ServerClient, body: dict) -> str:
+    """One request to its end: what it came to, "whole" when every token arrived."""
+    try:
+        if body["stream"]:
+            with s.client(timeout=120) as c, c.stream("POST", C, json=body) as r:
+                raw = r.read().decode()
+            if r.status_code != 200 or not raw.rstrip().endswith("data: [DONE]"):
+                return f"{r.status_code}: {raw[-200:]}"
+            tokens = s.parse_sse(raw)[-1]["usage"]["completion_tokens"]
+        else:
+            r = s.post(C, body, timeout=120)
+            if r.status_code != 200:
+                return f"{r.status_code}: {r.text[:200]}"
+            tokens = r.json()["usage"]["completion_tokens"]
+    except httpx.HTTPError as e:
+        return f"{type(e).__name__}: {e}"
+    return "whole" if tokens == MAX_TOKENS else f"{tokens} tokens"
+
+
+def test_sigterm_under_load_loses_no_request(fake_process):
+    s = fake_process
+    num = 64
+    bodies = [{"model": s.model_name, "prompt": f"Once upon a time {i}", "max_tokens": MAX_TOKENS,
+               "ignore_eos": True, "stream": i % 2 == 0,
+               **({"stream_options": {"include_usage": True}} if i % 2 == 0 else {})}
+              for i in range(num)]
+    answers: list[str] = []
+    threads = [threading.Thread(target=lambda b=b: answers.append(_full_answer(s, b)))
+               for b in bodies]
+    for t in threads:
+        t.start()
+    # Every request is in the engine (one step ran; the fake core holds the rest). The check
+    # runs after every add that came before it.
+    deadline = time.monotonic() + 60
+    while (check := s.engine_check())["num_running"] + check["num_waiting"] < num:
+        assert time.monotonic() < deadline, check
+        time.sleep(0.02)
+    s.proc.send_signal(signal.SIGTERM)
+    s.wait_log("Waiting for connections to close", timeout=30)
+    assert _refused(s, "POST", C, json={**bodies[1], "max_tokens": 1})
+    s.resume_core()
+    for t in threads:
+        t.join(120)
+    assert answers == ["whole"] * num
+    assert_exits_cleanly(s.proc, s.log)
 
 
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])

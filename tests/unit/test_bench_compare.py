@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from server.bench import compare
+from server.bench import compare, server_process
 from server.bench.compare import (
     METRICS,
     PAGEDSERVE,
@@ -237,8 +237,8 @@ def popen(monkeypatch):
             if p.pid == pgid:
                 p.signals.append(sig)
 
-    monkeypatch.setattr(compare.subprocess, "Popen", fake_popen)
-    monkeypatch.setattr(compare.os, "killpg", fake_killpg)
+    monkeypatch.setattr(server_process.subprocess, "Popen", fake_popen)
+    monkeypatch.setattr(server_process.os, "killpg", fake_killpg)
     return made
 
 
@@ -274,7 +274,7 @@ def test_wait_ready_returns_the_served_name_or_reports_a_dead_server(popen, monk
         urls.append(url)
         return Response(next(health) if url.endswith("/health") else 200)
 
-    monkeypatch.setattr(compare.httpx, "get", get)
+    monkeypatch.setattr(server_process.httpx, "get", get)
     server = ServerProcess("s", ["serve"], 1234, {}, tmp_path / "s.log")
     server.start()
     assert server.wait_ready(timeout=5, poll=0.001) == "served-name" == server.served_model
@@ -312,11 +312,13 @@ def test_build_servers_commands_and_environment(monkeypatch, tmp_path):
     assert ours.env["PYTHONPATH"] == "/somewhere"
 
 
-def test_group_cpu_seconds_reads_proc():
+def test_group_cpu_seconds_and_rss_read_proc():
     if not os.path.isdir("/proc"):
         pytest.skip("no /proc")
-    value = compare.group_cpu_seconds(os.getpgrp())
+    value = server_process.group_cpu_seconds(os.getpgrp())
     assert value is not None and value > 0
+    rss = server_process.group_rss_bytes(os.getpgrp())
+    assert rss is not None and rss > 10 << 20  # this Python process alone holds more
 
 
 # --- main, end to end with the process layer and the load generator faked ---------------------

@@ -16,6 +16,12 @@ from dataclasses import dataclass
 from server.kv_cache.block_hash import BlockHash
 
 
+def require(condition: bool, message: str) -> None:
+    """An invariant check that `python -O` keeps (an assert would vanish)."""
+    if not condition:
+        raise AssertionError(message)
+
+
 @dataclass(slots=True, eq=False)
 class KVCacheBlock:
     block_id: int
@@ -140,14 +146,14 @@ class BlockPool:
 
     def check_invariants(self) -> None:
         free = list(self.free_queue)
-        assert len(free) == self.num_free_blocks, "free count != free list length"
-        assert len({b.block_id for b in free}) == len(free), "block twice in the free list"
+        require(len(free) == self.num_free_blocks, "free count != free list length")
+        require(len({b.block_id for b in free}) == len(free), "block twice in the free list")
         for block in free:
-            assert block.ref_cnt == 0, f"{block} in the free list with ref_cnt > 0"
+            require(block.ref_cnt == 0, f"{block} in the free list with ref_cnt > 0")
         free_ids = {b.block_id for b in free}
         for block in self.blocks:
-            assert block.ref_cnt >= 0, f"{block} has a negative ref_cnt"
+            require(block.ref_cnt >= 0, f"{block} has a negative ref_cnt")
             if block.ref_cnt == 0:
-                assert block.block_id in free_ids, f"{block} has ref_cnt 0 but is not free"
+                require(block.block_id in free_ids, f"{block} has ref_cnt 0 but is not free")
         for block_hash, block in self.cached_blocks.items():
-            assert block.block_hash == block_hash, f"hash map entry -> {block} of another hash"
+            require(block.block_hash == block_hash, f"hash map entry -> {block} of another hash")

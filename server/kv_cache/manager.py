@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.kv_cache.block_hash import extend_block_hashes
-from server.kv_cache.block_pool import BlockPool, KVCacheBlock
+from server.kv_cache.block_pool import BlockPool, KVCacheBlock, require
 from server.request import Request
 
 
@@ -130,10 +130,10 @@ class KVCacheManager:
         self.pool.check_invariants()
         refs: dict[int, int] = {}
         for blocks in self.req_to_blocks.values():
-            assert len({b.block_id for b in blocks}) == len(blocks), "block twice in one table"
+            require(len({b.block_id for b in blocks}) == len(blocks), "block twice in one table")
             for block in blocks:
                 refs[block.block_id] = refs.get(block.block_id, 0) + 1
         for block in self.pool.blocks:
-            assert block.ref_cnt == refs.get(block.block_id, 0), (
-                f"{block}: ref_cnt != number of requests holding it ({refs.get(block.block_id, 0)})"
-            )
+            held = refs.get(block.block_id, 0)
+            require(block.ref_cnt == held,
+                    f"{block}: ref_cnt != number of requests holding it ({held})")

@@ -1,6 +1,6 @@
 """`serve --engine-mode process`: the engine loop in a process of its own (spawned, so it
 imports and loads everything again, the compiled CPU kernels included) serves what the default
-thread mode serves, streams, and exits cleanly on SIGTERM."""
+thread mode serves, streams, answers the engine check, and exits cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue"]
 
 @pytest.fixture()
 def process_server(e2e_dir, chat_model_dir):
-    s = _start("process_server", e2e_dir, [str(chat_model_dir), "--engine-mode", "process"],
+    s = _start("process_server", e2e_dir, [str(chat_model_dir), "--engine-mode", "process",
+                                                  "--debug-endpoints"],
                model_name=CHAT_MODEL_NAME)
     yield s
     s.stop()
@@ -34,6 +35,8 @@ def test_process_mode_serves_the_thread_modes_tokens(process_server, server):
                                        temperature=0)["choices"][0]["text"]
     assert raw.rstrip().endswith("data: [DONE]")
     assert process_server.get("/health").status_code == 200
+    # The consistency check crosses the pipe like every command: the pool is whole.
+    assert process_server.wait_settled()["num_blocks"] > 0
     log = process_server.log_path.read_text(errors="replace")
     assert "KV cache:" in log  # the engine process logs at the server's level
     if shutil.which("c++") or shutil.which("g++"):  # built or loaded inside the engine process

@@ -31,7 +31,7 @@ from server.api.protocol import (
     TokenizeRequest,
 )
 from server.api.serving_chat import create_chat_completion, render_chat
-from server.api.serving_common import ServingContext
+from server.api.serving_common import ServingContext, check_supported
 from server.api.serving_completion import create_completion
 from server.config import EngineConfig, ServerConfig
 from server.engine.protocol import EngineClient
@@ -206,6 +206,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
         body: TokenizeRequest = await read_body(request, TokenizeRequest, limit)  # type: ignore
         ctx.check_ready()
         ctx.check_model(body)  # type: ignore[arg-type]
+        check_supported(body, body.messages)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
         if body.messages is not None:

@@ -1,8 +1,10 @@
-"""Request bodies of the OpenAI surface (pydantic, strict JSON types, unknown fields ignored)
-and their translation into SamplingParams."""
+"""Request bodies of the OpenAI surface (pydantic, strict JSON types) and their translation into
+SamplingParams. Unknown fields are ignored, except those that would change what a request means
+and are not supported yet (UNSUPPORTED_FIELDS): those are a 400 naming the field."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -17,11 +19,64 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
+class _OpenBody(_Body):
+    """A body whose unknown fields are kept (in `model_extra`) to be checked against
+    UNSUPPORTED_FIELDS."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+def _given(value: Any) -> bool:
+    return value not in (None, False, "", [], {})
+
+
+# Fields of OpenAI's or vLLM's API that change what a request means, and when they do. A request
+# that uses one gets a 400 naming it (never a silent answer to another question).
+UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "response_format": lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
+    "tools": _given,
+    "tool_choice": lambda v: v not in (None, "none", "auto"),
+    "functions": _given,
+    "function_call": lambda v: v not in (None, "none", "auto"),
+    "structured_outputs": _given,
+    "guided_json": _given,
+    "guided_regex": _given,
+    "guided_choice": _given,
+    "guided_grammar": _given,
+    "prompt_logprobs": lambda v: v is not None,
+    "echo": _given,  # chat's (vLLM): completions declare their own
+    "continue_final_message": _given,
+    "chat_template": _given,
+    "chat_template_kwargs": _given,
+    "documents": _given,
+    "bad_words": _given,
+    "allowed_token_ids": _given,
+    "logits_processors": _given,
+    "use_beam_search": _given,
+    "truncate_prompt_tokens": lambda v: v is not None,
+    "return_tokens_as_token_ids": _given,
+    "prompt_embeds": _given,
+    "modalities": lambda v: v not in (None, ["text"]),
+    "audio": _given,
+    "web_search_options": _given,
+}
+MESSAGE_UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "tool_calls": _given, "function_call": _given, "audio": _given,
+}
+
+
+def unsupported_field(body: BaseModel,
+                      table: dict[str, Callable[[Any], bool]] = UNSUPPORTED_FIELDS) -> str | None:
+    """The first unknown field of `body` that would change its meaning."""
+    return next((name for name, value in (body.model_extra or {}).items()
+                 if name in table and table[name](value)), None)
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _SamplingFields(_Body):
+class _SamplingFields(_OpenBody):
     """Fields shared by completions and chat completions (OpenAI's and vLLM's extensions)."""
 
     model: str | None = None
@@ -138,7 +193,7 @@ class TextPart(_Body):
     text: str
 
 
-class ChatMessage(_Body):
+class ChatMessage(_OpenBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -162,7 +217,7 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(_OpenBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None

@@ -14,6 +14,7 @@ from server.api.serving_common import (
     ChoiceState,
     ClosingStreamingResponse,
     ServingContext,
+    check_supported,
     make_choices,
     new_id,
     sampling_params_for,
@@ -64,6 +65,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
                                  request: Request):
     ctx.check_ready()
     ctx.check_model(body)
+    check_supported(body, body.messages)
     ctx.check_token_fields(body)
     ctx.check_num_completions(body.n, "n")
     if body.top_logprobs is not None and not body.logprobs:

@@ -13,10 +13,16 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from server.api.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenTexts
 from server.api.errors import APIError, bad_request
-from server.api.protocol import _SamplingFields
+from server.api.protocol import (
+    MESSAGE_UNSUPPORTED_FIELDS,
+    ChatMessage,
+    _SamplingFields,
+    unsupported_field,
+)
 from server.engine.protocol import EngineClient, EngineNotReadyError, ModelInfo, RequestStream
 from server.outputs import EngineCoreOutput, SampleResult
 from server.sampling_params import SamplingParams
@@ -116,6 +122,20 @@ class ServingContext:
         except EngineNotReadyError:
             raise APIError(503, "the engine is not ready",
                            type="service_unavailable_error") from None
+
+
+def check_supported(body: BaseModel, messages: list[ChatMessage] | None = None) -> None:
+    """A 400 naming the first field of the request (or of one of its messages) that would
+    change what it means and is not supported yet."""
+    name = unsupported_field(body)
+    if name is not None:
+        raise bad_request(f"'{name}' is not supported yet", param=name,
+                          code="unsupported_parameter")
+    for i, message in enumerate(messages or []):
+        name = unsupported_field(message, MESSAGE_UNSUPPORTED_FIELDS)
+        if name is not None:
+            raise bad_request(f"'messages[{i}].{name}' is not supported yet", param="messages",
+                              code="unsupported_parameter")
 
 
 def new_id(prefix: str) -> str:

@@ -14,6 +14,7 @@ from server.api.serving_common import (
     ChoiceState,
     ClosingStreamingResponse,
     ServingContext,
+    check_supported,
     close_all,
     make_choices,
     merge_streams,
@@ -30,6 +31,7 @@ class _Prepared:
     def __init__(self, ctx: ServingContext, body: CompletionRequest) -> None:
         ctx.check_ready()
         ctx.check_model(body)
+        check_supported(body)
         ctx.check_token_fields(body)
         if body.suffix:
             raise bad_request("suffix is not supported", param="suffix")

@@ -154,7 +154,40 @@ CASES = [
     ("echo-with-logprobs", C, completion(echo=True, logprobs=1), 400, "echo"),
     ("stream-options-without-stream", CHAT, chat(stream_options={"include_usage": True}), 400,
      "stream_options"),
+    ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    ("tool-choice-required", CHAT, chat(tool_choice="required"), 400, "tool_choice"),
+    ("functions", CHAT, chat(functions=[{"name": "f"}]), 400, "functions"),
+    ("response-format-json", CHAT, chat(response_format={"type": "json_object"}), 400,
+     "response_format"),
+    ("response-format-schema", C, completion(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), 400,
+     "response_format"),
+    ("structured-outputs", C, completion(structured_outputs={"choice": ["a", "b"]}), 400,
+     "structured_outputs"),
+    ("guided-json", CHAT, chat(guided_json={"type": "object"}), 400, "guided_json"),
+    ("guided-regex", C, completion(guided_regex="[ab]+"), 400, "guided_regex"),
+    ("guided-choice", C, completion(guided_choice=["a"]), 400, "guided_choice"),
+    ("prompt-logprobs", C, completion(prompt_logprobs=1), 400, "prompt_logprobs"),
+    ("chat-echo", CHAT, chat(echo=True), 400, "echo"),
+    ("beam-search", C, completion(use_beam_search=True), 400, "use_beam_search"),
+    ("allowed-token-ids", C, completion(allowed_token_ids=[5]), 400, "allowed_token_ids"),
+    ("audio-modality", CHAT, chat(modalities=["text", "audio"]), 400, "modalities"),
+    ("assistant-tool-calls", CHAT, chat(messages=[*MSGS, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]),
+     400, "messages"),
+    ("tokenize-tools", TOK, {"model": MODEL_NAME, "messages": MSGS, "tools": [{}]}, 400,
+     "tools"),
 ]
+
+
+@pytest.mark.parametrize("path,body", [
+    (CHAT, chat(response_format={"type": "text"}, tool_choice="none", parallel_tool_calls=True,
+                store=False, metadata={"k": "v"}, service_tier="auto", unknown_field=1)),
+    (C, completion(prompt_logprobs=None, guided_json=None, some_new_field={"a": 1})),
+])
+def test_fields_that_keep_the_meaning_are_accepted(engine_server, path, body):
+    r = engine_server.post(path, body)
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("path,body,status,param",

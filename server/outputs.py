@@ -14,6 +14,7 @@ class SampleResult:
     token_id: int
     logprob: float | None = None  # the sampled token's logprob, when logprobs were asked for
     top_logprobs: dict[int, float] | None = None  # top-N token id -> logprob
+    rank: int | None = None  # its rank in the distribution (1: the most likely); prompt tokens
 
 
 @dataclass(slots=True)
@@ -26,6 +27,9 @@ class EngineCoreOutput:
     stop_reason: int | None = None  # the stop token id that ended the request, if any
     num_cached_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to first scheduling, on the first token
+    # On the first output of a request with prompt_logprobs: one entry per prompt token after
+    # the first (the first has no context to be predicted from).
+    prompt_logprobs: list[SampleResult] | None = None
 
     @property
     def finished(self) -> bool:
@@ -41,6 +45,15 @@ class EngineStats:
     prefix_cache_hits: int
     num_preemptions: int
 
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """What one forward pass gives the scheduler."""
+
+    samples: dict[str, SampleResult] = field(default_factory=dict)  # request id -> its token
+    # request id -> the logprobs of the prompt tokens this step's chunk predicted, in order
+    prompt_logprobs: dict[str, list[SampleResult]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +91,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    # With prompt_logprobs: None for the first prompt token, then token id -> logprob for each
+    # later one (its own and the top-N), as vLLM gives them.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def finished(self) -> bool:

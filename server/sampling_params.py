@@ -26,6 +26,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per sampled token (0: only the sampled one)
+    # top-N logprobs at every prompt position after the first (0: only the prompt's own token)
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -50,6 +52,8 @@ class SamplingParams:
             check(self.min_tokens <= self.max_tokens, "min_tokens", "must be <= max_tokens")
         check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
               f"must be in [0, {MAX_LOGPROBS}]")
+        check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+              "prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}]")
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             for bias in self.logit_bias.values():

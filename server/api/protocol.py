@@ -43,7 +43,7 @@ UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "guided_regex": _given,
     "guided_choice": _given,
     "guided_grammar": _given,
-    "prompt_logprobs": lambda v: v is not None,
+    "prompt_logprobs": lambda v: v is not None,  # chat's: completions declare their own
     "echo": _given,  # chat's (vLLM): completions declare their own
     "continue_final_message": _given,
     "chat_template": _given,
@@ -138,7 +138,8 @@ class _SamplingFields(_OpenBody):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def to_sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                           prompt_logprobs: int | None = None) -> SamplingParams:
         temperature = 1.0 if self.temperature is None else self.temperature
         top_p = 1.0 if self.top_p is None else self.top_p
         return SamplingParams(
@@ -158,15 +159,17 @@ class _SamplingFields(_OpenBody):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
         )
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # 0: only with echo (scores the prompt)
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # vLLM's
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     suffix: str | None = None
 
@@ -186,6 +189,14 @@ class CompletionRequest(_SamplingFields):
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]  # type: ignore[arg-type]
         return list(prompt)  # type: ignore[arg-type]
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """Top-N the engine computes at each prompt position: for `echo` with `logprobs`, and
+        for `prompt_logprobs`."""
+        wanted = [n for n in (self.logprobs if self.echo else None, self.prompt_logprobs)
+                  if n is not None]
+        return max(wanted, default=None)
 
 
 class TextPart(_Body):

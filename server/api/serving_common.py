@@ -143,14 +143,15 @@ def new_id(prefix: str) -> str:
 
 
 def sampling_params_for(body: _SamplingFields, max_tokens: int | None,
-                        logprobs: int | None, explicit_max_tokens: bool) -> SamplingParams:
+                        logprobs: int | None, explicit_max_tokens: bool,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
     """`max_tokens` is the output cap in effect; `explicit_max_tokens` whether the client set it
     (min_tokens above a default cap is clipped to it, above the client's own is a 400)."""
     if explicit_max_tokens and max_tokens is not None and body.min_tokens > max_tokens:
         raise bad_request(f"min_tokens ({body.min_tokens}) must be <= max_tokens "
                           f"({max_tokens})", param="min_tokens")
     try:
-        return body.to_sampling_params(max_tokens, logprobs)
+        return body.to_sampling_params(max_tokens, logprobs, prompt_logprobs)
     except ValueError as e:
         raise bad_request(str(e)) from None
 
@@ -173,11 +174,14 @@ class ChoiceState:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[SampleResult] = field(default_factory=list)
+    prompt_logprobs: list[SampleResult] | None = None  # prompt tokens after the first
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop token id or the stop string that ended it
     tracker: LatencyTracker | None = None
 
     def add(self, out: EngineCoreOutput) -> Delta:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if self.tracker is not None:
             self.tracker.on_tokens(len(out.new_token_ids))
         self.token_ids.extend(out.new_token_ids)
@@ -194,6 +198,17 @@ class ChoiceState:
             self.tracker = None
         self.text += text
         return Delta(text, list(out.new_token_ids), list(out.new_logprobs), self.finish_reason)
+
+    def end_at_prompt(self, out: EngineCoreOutput) -> Delta:
+        """`max_tokens: 0` with echo: the prompt was scored; the engine's one sampled token is
+        no part of the answer."""
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.finish_reason = "length"
+        if self.tracker is not None:
+            self.tracker.on_finish(self.finish_reason)
+            self.tracker = None
+        return Delta("", [], [], self.finish_reason)
 
 
 def make_choices(ctx: ServingContext, body: _SamplingFields, prompt_ids: list[int],

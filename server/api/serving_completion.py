@@ -37,9 +37,10 @@ class _Prepared:
             raise bad_request("suffix is not supported", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise bad_request("best_of must equal n (no server-side ranking)", param="best_of")
-        if body.echo and body.logprobs is not None:
-            raise bad_request("echo with logprobs (prompt logprobs) is not supported yet",
-                              param="echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise bad_request("max_tokens must be >= 1 (0 only with echo, to score the prompt)",
+                              param="max_tokens")
+        self.echo_only = body.max_tokens == 0
         prompts = body.prompts()
         ctx.check_num_completions(len(prompts) * body.n, "n" if body.n > 1 else "prompt")
         explicit_max = "max_tokens" in body.model_fields_set and body.max_tokens is not None
@@ -54,10 +55,13 @@ class _Prepared:
                 ids, text = list(prompt), ctx.tokenizer.decode(prompt)
             if not ids:
                 raise bad_request("the prompt is empty", param="prompt")
-            ctx.check_context(len(ids), body.max_tokens if explicit_max else None)
+            ctx.check_context(len(ids), body.max_tokens or None if explicit_max else None)
             self.prompt_ids.append(ids)
             self.prompt_texts.append(text)
-        self.params = sampling_params_for(body, body.max_tokens, body.logprobs, explicit_max)
+        # Echo only: the engine samples one token (a prefill always does), which is dropped.
+        max_tokens = 1 if self.echo_only else body.max_tokens
+        self.params = sampling_params_for(body, max_tokens, body.logprobs, explicit_max,
+                                          body.num_prompt_logprobs)
         ctx.check_queue(len(self.prompt_ids) * body.n)
         self.id = new_id("cmpl")
         self.created = int(time.time())
@@ -93,6 +97,56 @@ def _logprobs(ctx: ServingContext, samples: list[SampleResult], offset: int) -> 
             "text_offset": offsets}
 
 
+def _top(sample: SampleResult, num: int) -> list[tuple[int, float]]:
+    return sorted((sample.top_logprobs or {}).items(), key=lambda kv: -kv[1])[:num]
+
+
+def _echo_logprobs(ctx: ServingContext, prompt_ids: list[int], scored: list[SampleResult],
+                   num: int) -> dict:
+    """The echoed prompt's part of OpenAI's `logprobs`: the first token is unscored (null);
+    each later one has its own logprob and, in `top_logprobs`, itself and the top `num`."""
+    tokens = [ctx.token_text(t) for t in prompt_ids]
+    offsets, offset = [], 0
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    top: list[dict | None] = [None]
+    for sample in scored:
+        entry = {ctx.token_text(t): lp for t, lp in _top(sample, num)}
+        entry.setdefault(ctx.token_text(sample.token_id), sample.logprob)
+        top.append(entry)
+    return {"tokens": tokens, "token_logprobs": [None] + [s.logprob for s in scored],
+            "top_logprobs": top, "text_offset": offsets}
+
+
+def _vllm_prompt_logprobs(ctx: ServingContext, scored: list[SampleResult],
+                          num: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then token id -> logprob,
+    rank and text, for the prompt's own token and the top `num`."""
+    out: list[dict | None] = [None]
+    for sample in scored:
+        entry = {str(t): {"logprob": lp, "rank": rank, "decoded_token": ctx.token_text(t)}
+                 for rank, (t, lp) in enumerate(_top(sample, num), start=1)}
+        entry[str(sample.token_id)] = {"logprob": sample.logprob, "rank": sample.rank,
+                                       "decoded_token": ctx.token_text(sample.token_id)}
+        out.append(entry)
+    return out
+
+
+def _choice_logprobs(ctx: ServingContext, body: CompletionRequest, prep: _Prepared,
+                     choice: ChoiceState, offset: int) -> dict | None:
+    """A whole choice's `logprobs`: with echo, the prompt's tokens, then the generated ones
+    (whose offsets start after the echoed text)."""
+    if body.logprobs is None:
+        return None
+    generated = _logprobs(ctx, choice.logprobs, offset)
+    if not body.echo:
+        return generated
+    echoed = _echo_logprobs(ctx, prep.prompt_ids[choice.index // body.n],
+                            choice.prompt_logprobs or [], body.logprobs)
+    return {key: echoed[key] + generated[key] for key in echoed}
+
+
 async def create_completion(ctx: ServingContext, body: CompletionRequest,
                             request: Request):
     prep = _Prepared(ctx, body)
@@ -111,7 +165,7 @@ async def _run(ctx: ServingContext, body: CompletionRequest, prep: _Prepared
         choice = prep.choices[i * body.n + out.index]
         if choice.finish_reason is not None:
             continue  # read ahead by merge_streams before a stop string ended the choice
-        delta = choice.add(out)
+        delta = choice.end_at_prompt(out) if prep.echo_only else choice.add(out)
         if choice.matcher.stopped_by is not None:
             streams[i].finish_choice(out.index)
         yield choice, delta
@@ -123,34 +177,54 @@ async def _complete(ctx: ServingContext, body: CompletionRequest, prep: _Prepare
     choices = []
     for choice in prep.choices:
         prefix = prep.prompt_texts[choice.index // body.n] if body.echo else ""
-        choices.append({
+        entry = {
             "index": choice.index,
             "text": prefix + choice.text,
-            "logprobs": (_logprobs(ctx, choice.logprobs, 0) if body.logprobs is not None
-                         else None),
+            "logprobs": _choice_logprobs(ctx, body, prep, choice, len(prefix)),
             "finish_reason": choice.finish_reason,
             "stop_reason": choice.stop_reason,
-        })
+        }
+        if body.prompt_logprobs is not None:
+            entry["prompt_logprobs"] = _vllm_prompt_logprobs(
+                ctx, choice.prompt_logprobs or [], body.prompt_logprobs)
+        choices.append(entry)
     return {"id": prep.id, "object": "text_completion", "created": prep.created,
             "model": ctx.served_model_name, "choices": choices, "usage": prep.usage()}
 
 
 async def _stream(ctx: ServingContext, body: CompletionRequest, prep: _Prepared
                   ) -> AsyncIterator[str]:
-    def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> str:
+    def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None,
+              **extra) -> str:
         return sse({"id": prep.id, "object": "text_completion", "created": prep.created,
                     "model": ctx.served_model_name,
                     "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                 "finish_reason": finish_reason}]})
+                                 "finish_reason": finish_reason, **extra}]})
 
     offsets = {c.index: 0 for c in prep.choices}
+    # Choices whose first chunk waits for the prompt's logprobs (they come with the first
+    # output): the echo with its logprobs, or vLLM's prompt_logprobs.
+    waiting = set()
     try:
-        if body.echo:
-            for choice in prep.choices:
-                text = prep.prompt_texts[choice.index // body.n]
-                offsets[choice.index] = len(text)
+        for choice in prep.choices:
+            text = prep.prompt_texts[choice.index // body.n] if body.echo else ""
+            offsets[choice.index] = len(text)
+            if body.num_prompt_logprobs is not None:
+                waiting.add(choice.index)
+            elif body.echo:
                 yield chunk(choice.index, text, None, None)
         async for choice, delta in _run(ctx, body, prep):
+            if choice.index in waiting:
+                waiting.discard(choice.index)
+                prompt_index = choice.index // body.n
+                extra = {} if body.prompt_logprobs is None else {
+                    "prompt_logprobs": _vllm_prompt_logprobs(
+                        ctx, choice.prompt_logprobs or [], body.prompt_logprobs)}
+                echoed = (_echo_logprobs(ctx, prep.prompt_ids[prompt_index],
+                                         choice.prompt_logprobs or [], body.logprobs)
+                          if body.echo and body.logprobs is not None else None)
+                yield chunk(choice.index, prep.prompt_texts[prompt_index] if body.echo else "",
+                            echoed, None, **extra)
             if not delta.text and delta.finish_reason is None and body.logprobs is None:
                 continue
             logprobs = (_logprobs(ctx, delta.logprobs, offsets[choice.index])

@@ -74,11 +74,11 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
         try:
-            samples = self.runner.execute(scheduler_output)
+            result = self.runner.execute(scheduler_output)
         except Exception as e:
             raise StepError([entry.request_id for entry in scheduler_output.scheduled],
                             e) from e
-        return self.scheduler.update_from_output(scheduler_output, samples)
+        return self.scheduler.update_from_output(scheduler_output, result)
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.model_dir, self.max_model_len, self.arch.vocab_size)

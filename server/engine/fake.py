@@ -177,9 +177,16 @@ class FakeEngineCore:
         if params.logprobs is not None:
             top = {(token_id + k) % self.vocab_size: -1.0 - k for k in range(params.logprobs)}
             logprobs = [SampleResult(token_id, -1.0, top or None)]
+        prompt_logprobs = None
+        if num_out == 1 and params.prompt_logprobs is not None:  # every prompt token: -1, rank 1
+            prompt_logprobs = [
+                SampleResult(t, -1.0, {(t + k) % self.vocab_size: -1.0 - k
+                                       for k in range(params.prompt_logprobs)} or None, 1)
+                for t in seq.prompt_token_ids[1:]]
         return EngineCoreOutput(seq.request_id, [token_id], new_logprobs=logprobs,
                                 finish_reason=finish, stop_reason=stop_reason,
-                                queue_time=0.0 if num_out == 1 else None)
+                                queue_time=0.0 if num_out == 1 else None,
+                                prompt_logprobs=prompt_logprobs)
 
 
 class FakeEngineClient(ThreadEngineClient):

@@ -88,6 +88,12 @@ class LLM:
                 completion = result.outputs[index]
                 completion.token_ids.extend(out.new_token_ids)
                 result.num_cached_tokens = max(result.num_cached_tokens, out.num_cached_tokens)
+                if out.prompt_logprobs is not None:
+                    scored: list[dict[int, float] | None] = [None]
+                    for s in out.prompt_logprobs:
+                        assert s.logprob is not None
+                        scored.append({**(s.top_logprobs or {}), s.token_id: s.logprob})
+                    result.prompt_logprobs = scored
                 for sample in out.new_logprobs:
                     assert completion.logprobs is not None and sample.logprob is not None
                     entry = dict(sample.top_logprobs or {})

@@ -14,19 +14,20 @@ from server.config import EngineConfig
 from server.model_runner.cpu import choose_kernels, compiled_decode_step, pack_for_cpu
 from server.model_runner.cpu_allocator import keep_freed_memory_mapped
 from server.model_runner.request_state import RequestState
-from server.model_runner.sampler import Sampler
+from server.model_runner.sampler import Sampler, prompt_token_logprobs
 from server.models.arch_config import ArchConfig
 from server.models.attention_metadata import AttentionMetadata
 from server.models.base import ModelOptions
 from server.models.errors import ModelLoadError
 from server.models.layers.linear import get_linear_method
 from server.models.loader import load_model, resolve_dtype
-from server.outputs import SampleResult
+from server.outputs import RunnerOutput, SampleResult
 from server.scheduler.output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30
+_PROMPT_LOGPROB_ROWS = 256  # prompt positions whose logits are held at once
 
 
 def resolve_device(device: str) -> torch.device:
@@ -215,22 +216,49 @@ class ModelRunner:
         return self.model(input_ids, positions, self.kv_caches, md)
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> dict[str, SampleResult]:
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
         self._update_states(output)
         if output.empty:
-            return {}
+            return RunnerOutput()
         input_ids, positions, md = self._prepare(output)
         hidden = self._forward(input_ids, positions, md)
+        result = RunnerOutput(prompt_logprobs=self._prompt_logprobs(hidden, output))
         rows, last_indices = [], []
         for i, entry in enumerate(output.scheduled):
             if entry.samples:
                 rows.append(self._states[entry.request_id])
                 last_indices.append(i)
         if not rows:
-            return {}
+            return result
         logits_index = md.query_start_loc[1:][torch.tensor(last_indices, device=self.device)] - 1
         logits = self.model.compute_logits(hidden[logits_index.long()])
-        results = self.sampler(logits, rows)
-        for row, result in zip(rows, results):
-            row.token_ids.append(result.token_id)
-        return {row.request_id: r for row, r in zip(rows, results)}
+        samples = self.sampler(logits, rows)
+        for row, sample in zip(rows, samples):
+            row.token_ids.append(sample.token_id)
+        result.samples = {row.request_id: s for row, s in zip(rows, samples)}
+        return result
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, output: SchedulerOutput
+                         ) -> dict[str, list[SampleResult]]:
+        """For each request that asks, the raw logprobs of the prompt tokens this step's chunk
+        predicts: position p's logits score prompt token p + 1 (the last prompt position's score
+        the first output token, which the sampler handles)."""
+        found: dict[str, list[SampleResult]] = {}
+        offset = 0
+        for entry in output.scheduled:
+            state = self._states[entry.request_id]
+            start, count = entry.num_computed_tokens, entry.num_scheduled_tokens
+            row_offset, offset = offset, offset + count
+            num_top = state.sampling_params.prompt_logprobs
+            if num_top is None or state.num_output_tokens > 0:
+                continue  # not asked, or already delivered before a preemption
+            count = min(count, state.num_prompt_tokens - 1 - start)
+            results: list[SampleResult] = []
+            for first in range(0, count, _PROMPT_LOGPROB_ROWS):  # bounded logits memory
+                last = min(count, first + _PROMPT_LOGPROB_ROWS)
+                logits = self.model.compute_logits(hidden[row_offset + first:row_offset + last])
+                targets = state.token_ids[start + first + 1:start + last + 1]
+                results += prompt_token_logprobs(logits, targets, num_top)
+            if results:
+                found[entry.request_id] = results
+        return found

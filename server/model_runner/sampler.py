@@ -164,3 +164,19 @@ class Sampler:
                    dict(zip(top_ids[i, :num].tolist(), top_vals[i, :num].tolist())))
             results.append(SampleResult(token_id, chosen[i], top))
         return results
+
+
+def prompt_token_logprobs(logits: torch.Tensor, target_ids: list[int],
+                          num_top: int) -> list[SampleResult]:
+    """The raw logprob (no penalty, bias or temperature) and rank of each target token under
+    its row of `logits`, with the row's `num_top` most likely tokens."""
+    logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    targets = torch.tensor(target_ids, device=logits.device).unsqueeze(1)
+    chosen = logprobs.gather(1, targets)
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    tops: list[dict[int, float] | None] = [None] * len(target_ids)
+    if num_top:
+        values, ids = logprobs.topk(min(num_top, logprobs.shape[1]), dim=-1)
+        tops = [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [SampleResult(t, lp, top, rank)
+            for t, lp, top, rank in zip(target_ids, chosen.squeeze(1).tolist(), tops, ranks)]

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 from server.config import SchedulerConfig
 from server.kv_cache.manager import NO_COMPUTED_BLOCKS, KVCacheManager
-from server.outputs import EngineCoreOutput, SampleResult
+from server.outputs import EngineCoreOutput, RunnerOutput, SampleResult
 from server.request import Request, RequestStatus
 from server.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
 
@@ -29,6 +29,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_req_ids: set[str] = set()
         self.num_preemptions = 0
+        # Prompt logprobs computed so far, per request that asked, until its first output.
+        self._prompt_logprobs: dict[str, list[SampleResult]] = {}
 
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, request: Request) -> None:
@@ -54,6 +56,7 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
+        self._prompt_logprobs.pop(request.request_id, None)
         self.kv_cache.free(request)
         del self.requests[request.request_id]
         self._finished_req_ids.add(request.request_id)
@@ -77,6 +80,7 @@ class Scheduler:
         return num_new
 
     def _preempt(self, request: Request) -> None:
+        self._prompt_logprobs.pop(request.request_id, None)  # recomputed from the start
         self.kv_cache.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -113,8 +117,10 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
+            # A prompt whose logprobs are wanted is computed whole: cached blocks hold no logits.
             computed = (self.kv_cache.get_computed_blocks(request)
-                        if request.num_computed_tokens == 0 else NO_COMPUTED_BLOCKS)
+                        if request.num_computed_tokens == 0 and not _wants_prompt_logprobs(request)
+                        else NO_COMPUTED_BLOCKS)
             # allocate_slots adds the hit to the request's (zero) computed tokens itself.
             num_new = self._chunk(request.num_tokens - computed.num_tokens, budget)
             if self.kv_cache.allocate_slots(request, num_new, computed) is None:
@@ -151,15 +157,23 @@ class Scheduler:
 
     # ------------------------------------------------------------------ after the forward pass
     def update_from_output(
-        self, output: SchedulerOutput, samples: dict[str, SampleResult]
+        self, output: SchedulerOutput, result: RunnerOutput
     ) -> list[EngineCoreOutput]:
         outputs = []
         for entry in output.scheduled:
             request = self.requests.get(entry.request_id)
-            if request is None or request.status != RequestStatus.RUNNING or not entry.samples:
-                continue  # aborted meanwhile, or a prefill chunk whose sample is discarded
-            sample = samples[request.request_id]
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted meanwhile
+            chunk = result.prompt_logprobs.get(request.request_id)
+            if chunk is not None:
+                self._prompt_logprobs.setdefault(request.request_id, []).extend(chunk)
+            if not entry.samples:
+                continue  # a prefill chunk whose sample is discarded
+            sample = result.samples[request.request_id]
             request.append_output_token(sample.token_id)
+            prompt_logprobs = (self._prompt_logprobs.pop(request.request_id, [])
+                               if request.num_output_tokens == 1
+                               and request.sampling_params.prompt_logprobs is not None else None)
             status = self._check_stop(request)
             if status is not None:
                 self.running.remove(request)
@@ -174,6 +188,7 @@ class Scheduler:
                 queue_time=(request.first_scheduled_time - request.arrival_time
                             if request.num_output_tokens == 1
                             and request.first_scheduled_time is not None else None),
+                prompt_logprobs=prompt_logprobs,
             ))
         return outputs
 
@@ -191,3 +206,8 @@ class Scheduler:
         if request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+
+def _wants_prompt_logprobs(request: Request) -> bool:
+    """Asked for prompt logprobs that are not yet delivered (they go with the first output)."""
+    return request.sampling_params.prompt_logprobs is not None and request.num_output_tokens == 0

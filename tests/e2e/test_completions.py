@@ -158,6 +158,71 @@ def test_echo(server):
     assert "".join(c["choices"][0]["text"] for c in chunks) == PROMPT + plain
 
 
+# ---------------------------------------------------------------------- prompt logprobs
+@pytest.fixture(scope="module")
+def offline_prompt_logprobs():
+    """The offline engine's prompt logprobs over the same weights (the server's model is a
+    copy of the bundled one)."""
+    from server import LLM, SamplingParams
+
+    llm = LLM(kv_cache_memory=1 << 24)
+
+    def score(prompt_ids: list[int], num: int) -> list:
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=num)
+        return llm.generate([prompt_ids], params)[0].prompt_logprobs
+    return score
+
+
+def test_echo_with_logprobs_scores_the_prompt(server, offline_prompt_logprobs):
+    """lm-evaluation-harness' loglikelihood request: token ids, echo, logprobs, max_tokens 0
+    or 1. The prompt's logprobs are the engine's, the first token unscored."""
+    ids = server.tokenize(PROMPT + " there was a dog")["tokens"]
+    echoed = server.post("/detokenize", {"model": server.model_name,
+                                         "tokens": ids}).json()["prompt"]  # with its BOS
+    expected = offline_prompt_logprobs(ids, 1)
+    for max_tokens in (0, 1):
+        out = server.complete(prompt=ids, echo=True, logprobs=1, max_tokens=max_tokens,
+                              temperature=0)
+        choice = out["choices"][0]
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(ids) + max_tokens
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        for p in range(1, len(ids)):
+            assert lp["token_logprobs"][p] == pytest.approx(expected[p][ids[p]], abs=1e-5)
+            top = lp["top_logprobs"][p]  # the most likely token, and the prompt's own
+            assert 1 <= len(top) <= 2
+            assert max(top.values()) == pytest.approx(max(expected[p].values()), abs=1e-5)
+        assert out["usage"]["completion_tokens"] == max_tokens
+        assert choice["finish_reason"] == "length"
+        if max_tokens == 0:
+            assert choice["text"] == echoed
+    streamed, raw = server.stream("/v1/completions", {"prompt": ids, "echo": True,
+                                                      "logprobs": 1, "max_tokens": 2,
+                                                      "temperature": 0})
+    first = streamed[0]["choices"][0]
+    assert first["text"] == echoed
+    assert first["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        [expected[p][ids[p]] for p in range(1, len(ids))], abs=1e-5)
+    assert raw.rstrip().endswith("data: [DONE]")
+
+
+def test_vllm_prompt_logprobs(server, offline_prompt_logprobs):
+    ids = server.tokenize("The little dog ran")["tokens"]
+    expected = offline_prompt_logprobs(ids, 2)
+    choice = server.complete(prompt=ids, prompt_logprobs=2, max_tokens=2,
+                             temperature=0)["choices"][0]
+    got = choice["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(ids)
+    for p in range(1, len(ids)):
+        assert {int(t) for t in got[p]} == set(expected[p])
+        for t, entry in got[p].items():
+            assert entry["logprob"] == pytest.approx(expected[p][int(t)], abs=1e-5)
+            assert entry["rank"] >= 1 and isinstance(entry["decoded_token"], str)
+        own = got[p][str(ids[p])]
+        better = sum(lp > expected[p][ids[p]] for lp in expected[p].values())
+        assert own["rank"] == better + 1 if better < 2 else own["rank"] > 2
+
+
 # ---------------------------------------------------------------------- logprobs
 @pytest.mark.parametrize("num", [0, 1, 3])
 def test_logprobs(server, num):

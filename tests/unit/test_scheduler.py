@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from server.config import SchedulerConfig
 from server.kv_cache.manager import KVCacheManager
-from server.outputs import EngineCoreOutput, SampleResult
+from server.outputs import EngineCoreOutput, RunnerOutput, SampleResult
 from server.request import Request, RequestStatus
 from server.sampling_params import SamplingParams
 from server.scheduler.output import SchedulerOutput
@@ -134,7 +134,7 @@ def update(s: Scheduler, out: SchedulerOutput, token_fn: TokenFn = counting,
     scheduled request with all_samples, to show that mid-prefill samples are dropped)."""
     samples = {e.request_id: SampleResult(token_fn(_SCHEDULED[s][e.request_id]))
                for e in out.scheduled if all_samples or e.samples}
-    outputs = s.update_from_output(out, samples)
+    outputs = s.update_from_output(out, RunnerOutput(samples))
     view = _RUNNER_VIEWS[s]
     for e in out.scheduled:
         if e.samples:  # the runner appends its own samples
@@ -585,7 +585,7 @@ def test_outputs_carry_logprobs_only_when_asked():
     s.add_request(req("b", 3))
     out = schedule(s)
     samples = {"a": SampleResult(5, logprob=-0.5), "b": SampleResult(6, logprob=-0.1)}
-    outputs = {o.request_id: o for o in s.update_from_output(out, samples)}
+    outputs = {o.request_id: o for o in s.update_from_output(out, RunnerOutput(samples))}
     assert outputs["a"].new_logprobs == [samples["a"]] and outputs["b"].new_logprobs == []
 
 
@@ -663,3 +663,56 @@ def test_token_budget_defaults_by_device():
     assert SchedulerConfig(max_num_batched_tokens=96).for_device("cpu").max_num_batched_tokens == 96
     with pytest.raises(ValueError, match="for_device"):
         Scheduler(unset, KVCacheManager(16, 4, True), max_model_len=64)
+
+
+# ---------------------------------------------------------------------- prompt logprobs
+def _scored(out: SchedulerOutput, request_id: str) -> RunnerOutput:
+    """A runner's answer that scores each prompt token the step's chunk predicts with -p."""
+    result = RunnerOutput()
+    for e in out.scheduled:
+        if e.request_id == request_id:
+            first = e.num_computed_tokens + 1
+            last = min(e.num_computed_tokens + e.num_scheduled_tokens, 9)  # prompt of 10
+            result.prompt_logprobs[e.request_id] = [SampleResult(t, -float(t))
+                                                    for t in range(first, last + 1)]
+        if e.samples:
+            result.samples[e.request_id] = SampleResult(7)
+    return result
+
+
+def test_prompt_logprobs_gather_across_chunks_and_come_with_the_first_output():
+    s = make(budget=4)
+    s.add_request(req("a", 10, max_tokens=3, prompt_logprobs=0))
+    delivered = []
+    while s.has_unfinished_requests():
+        out = s.schedule()
+        for o in s.update_from_output(out, _scored(out, "a")):
+            delivered.append(o.prompt_logprobs)
+    assert [p.token_id for p in delivered[0]] == list(range(1, 10))  # positions 1..9, no gap
+    assert delivered[1:] == [None, None]
+
+
+def test_a_preemption_before_the_first_output_drops_what_was_gathered():
+    s = make(budget=4)
+    s.add_request(req("a", 10, max_tokens=2, prompt_logprobs=0))
+    out = s.schedule()
+    s.update_from_output(out, _scored(out, "a"))  # tokens 1..4 scored
+    s.running.remove(s.requests["a"])
+    s._preempt(s.requests["a"])
+    outputs = []
+    while s.has_unfinished_requests():
+        out = s.schedule()
+        outputs += s.update_from_output(out, _scored(out, "a"))
+    assert [p.token_id for p in outputs[0].prompt_logprobs] == list(range(1, 10))
+
+
+def test_a_request_wanting_prompt_logprobs_takes_no_prefix_cache_hit():
+    s = make(caching=True)
+    s.add_request(req("warm", 12, max_tokens=1))
+    while s.has_unfinished_requests():
+        update(s, schedule(s))
+    s.add_request(req("plain", 12, max_tokens=1))
+    s.add_request(req("scored", 12, max_tokens=1, prompt_logprobs=0))
+    out = schedule(s)
+    computed = {e.request_id: e.num_computed_tokens for e in out.scheduled}
+    assert computed["plain"] > 0 and computed["scored"] == 0

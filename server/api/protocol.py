@@ -43,7 +43,6 @@ UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "guided_regex": _given,
     "guided_choice": _given,
     "guided_grammar": _given,
-    "prompt_logprobs": lambda v: v is not None,  # chat's: completions declare their own
     "echo": _given,  # chat's (vLLM): completions declare their own
     "continue_final_message": _given,
     "chat_template": _given,
@@ -221,6 +220,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # vLLM's
     add_generation_prompt: bool = True
 
     @property

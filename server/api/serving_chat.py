@@ -21,6 +21,7 @@ from server.api.serving_common import (
     sse,
     until_disconnected,
     usage,
+    vllm_prompt_logprobs,
 )
 from server.outputs import SampleResult
 
@@ -77,7 +78,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
                       max_tokens_param=max_tokens_param)
     num_top = body.top_logprobs or 0
     params = sampling_params_for(body, max_tokens, num_top if body.logprobs else None,
-                                 explicit_max_tokens=True)
+                                 explicit_max_tokens=True, prompt_logprobs=body.prompt_logprobs)
     ctx.check_queue(body.n)
     if ctx.metrics is not None:
         ctx.metrics.on_prompt(len(prompt_ids))
@@ -125,7 +126,15 @@ class _Chat:
             "stop_reason": c.stop_reason,
         } for c in self.choices]
         return {"id": self.id, "object": "chat.completion", "created": self.created,
-                "model": self.ctx.served_model_name, "choices": choices, "usage": self.usage()}
+                "model": self.ctx.served_model_name, "choices": choices, "usage": self.usage(),
+                **self._prompt_logprobs(self.choices[0])}
+
+    def _prompt_logprobs(self, choice: ChoiceState) -> dict:
+        """vLLM's top-level `prompt_logprobs` (the same for every choice), when asked."""
+        if self.body.prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": vllm_prompt_logprobs(self.ctx, choice.prompt_logprobs or [],
+                                                        self.body.prompt_logprobs)}
 
     def _chunk(self, choices: list[dict], **extra) -> str:
         return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -137,8 +146,13 @@ class _Chat:
                 yield self._chunk([{"index": choice.index,
                                     "delta": {"role": "assistant", "content": ""},
                                     "logprobs": None, "finish_reason": None}])
+            prompt_logprobs_sent = self.body.prompt_logprobs is None
             async for choice, delta in self._run():
-                if not delta.text and delta.finish_reason is None and not self.body.logprobs:
+                extra = {}
+                if not prompt_logprobs_sent:  # with the first output, in its chunk
+                    extra, prompt_logprobs_sent = self._prompt_logprobs(choice), True
+                elif (not delta.text and delta.finish_reason is None
+                      and not self.body.logprobs):
                     continue
                 yield self._chunk([{
                     "index": choice.index,
@@ -146,7 +160,7 @@ class _Chat:
                     "logprobs": (_logprobs(self.ctx, delta.logprobs, self.num_top)
                                  if self.body.logprobs else None),
                     "finish_reason": delta.finish_reason,
-                }])
+                }], **extra)
             if self.body.include_usage:
                 yield self._chunk([], usage=self.usage())
         except APIError as e:

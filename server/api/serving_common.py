@@ -138,6 +138,25 @@ def check_supported(body: BaseModel, messages: list[ChatMessage] | None = None) 
                               code="unsupported_parameter")
 
 
+def top_entries(sample: SampleResult, num: int) -> list[tuple[int, float]]:
+    """The `num` most likely (token id, logprob) of a sample, best first."""
+    return sorted((sample.top_logprobs or {}).items(), key=lambda kv: -kv[1])[:num]
+
+
+def vllm_prompt_logprobs(ctx: ServingContext, scored: list[SampleResult],
+                          num: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then token id -> logprob,
+    rank and text, for the prompt's own token and the top `num`."""
+    out: list[dict | None] = [None]
+    for sample in scored:
+        entry = {str(t): {"logprob": lp, "rank": rank, "decoded_token": ctx.token_text(t)}
+                 for rank, (t, lp) in enumerate(top_entries(sample, num), start=1)}
+        entry[str(sample.token_id)] = {"logprob": sample.logprob, "rank": sample.rank,
+                                       "decoded_token": ctx.token_text(sample.token_id)}
+        out.append(entry)
+    return out
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

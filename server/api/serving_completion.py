@@ -21,8 +21,10 @@ from server.api.serving_common import (
     new_id,
     sampling_params_for,
     sse,
+    top_entries,
     until_disconnected,
     usage,
+    vllm_prompt_logprobs,
 )
 from server.outputs import SampleResult
 
@@ -97,10 +99,6 @@ def _logprobs(ctx: ServingContext, samples: list[SampleResult], offset: int) -> 
             "text_offset": offsets}
 
 
-def _top(sample: SampleResult, num: int) -> list[tuple[int, float]]:
-    return sorted((sample.top_logprobs or {}).items(), key=lambda kv: -kv[1])[:num]
-
-
 def _echo_logprobs(ctx: ServingContext, prompt_ids: list[int], scored: list[SampleResult],
                    num: int) -> dict:
     """The echoed prompt's part of OpenAI's `logprobs`: the first token is unscored (null);
@@ -112,25 +110,11 @@ def _echo_logprobs(ctx: ServingContext, prompt_ids: list[int], scored: list[Samp
         offset += len(token)
     top: list[dict | None] = [None]
     for sample in scored:
-        entry = {ctx.token_text(t): lp for t, lp in _top(sample, num)}
+        entry = {ctx.token_text(t): lp for t, lp in top_entries(sample, num)}
         entry.setdefault(ctx.token_text(sample.token_id), sample.logprob)
         top.append(entry)
     return {"tokens": tokens, "token_logprobs": [None] + [s.logprob for s in scored],
             "top_logprobs": top, "text_offset": offsets}
-
-
-def _vllm_prompt_logprobs(ctx: ServingContext, scored: list[SampleResult],
-                          num: int) -> list[dict | None]:
-    """vLLM's `prompt_logprobs`: None for the first prompt token, then token id -> logprob,
-    rank and text, for the prompt's own token and the top `num`."""
-    out: list[dict | None] = [None]
-    for sample in scored:
-        entry = {str(t): {"logprob": lp, "rank": rank, "decoded_token": ctx.token_text(t)}
-                 for rank, (t, lp) in enumerate(_top(sample, num), start=1)}
-        entry[str(sample.token_id)] = {"logprob": sample.logprob, "rank": sample.rank,
-                                       "decoded_token": ctx.token_text(sample.token_id)}
-        out.append(entry)
-    return out
 
 
 def _choice_logprobs(ctx: ServingContext, body: CompletionRequest, prep: _Prepared,
@@ -185,7 +169,7 @@ async def _complete(ctx: ServingContext, body: CompletionRequest, prep: _Prepare
             "stop_reason": choice.stop_reason,
         }
         if body.prompt_logprobs is not None:
-            entry["prompt_logprobs"] = _vllm_prompt_logprobs(
+            entry["prompt_logprobs"] = vllm_prompt_logprobs(
                 ctx, choice.prompt_logprobs or [], body.prompt_logprobs)
         choices.append(entry)
     return {"id": prep.id, "object": "text_completion", "created": prep.created,
@@ -218,7 +202,7 @@ async def _stream(ctx: ServingContext, body: CompletionRequest, prep: _Prepared
                 waiting.discard(choice.index)
                 prompt_index = choice.index // body.n
                 extra = {} if body.prompt_logprobs is None else {
-                    "prompt_logprobs": _vllm_prompt_logprobs(
+                    "prompt_logprobs": vllm_prompt_logprobs(
                         ctx, choice.prompt_logprobs or [], body.prompt_logprobs)}
                 echoed = (_echo_logprobs(ctx, prep.prompt_ids[prompt_index],
                                          choice.prompt_logprobs or [], body.logprobs)

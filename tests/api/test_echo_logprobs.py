@@ -1,6 +1,6 @@
-"""Prompt logprobs on /v1/completions over the fake engine (which scores every prompt token
--1.0, rank 1): `echo` with `logprobs` (and `max_tokens: 0`), vLLM's `prompt_logprobs`, the
-shapes streamed and not, for several prompts and n > 1."""
+"""Prompt logprobs over the fake engine (which scores every prompt token -1.0, rank 1): on
+completions `echo` with `logprobs` (and `max_tokens: 0`) and vLLM's `prompt_logprobs`, for
+several prompts and n > 1; on chat vLLM's top-level `prompt_logprobs`; streamed and not."""
 
 from __future__ import annotations
 
@@ -83,3 +83,21 @@ def test_streamed_echo_only(fake_server):
     texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
     assert "".join(texts) == PROMPTS[0]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_prompt_logprobs(fake_server):
+    s = fake_server
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    num = len(s.tokenize(messages=messages)["tokens"])
+    out = s.chat(messages=messages, n=2, prompt_logprobs=0, max_tokens=2)
+    got = out["prompt_logprobs"]
+    assert got[0] is None and len(got) == num
+    assert all(len(entry) == 1 and next(iter(entry.values()))["rank"] == 1 for entry in got[1:])
+    assert "prompt_logprobs" not in s.chat(messages=messages, max_tokens=2)
+    chunks, _ = s.stream("/v1/chat/completions", {"messages": messages, "prompt_logprobs": 1,
+                                                  "max_tokens": 3})
+    carrying = [c for c in chunks if "prompt_logprobs" in c]
+    assert len(carrying) == 1  # with the first output, once
+    streamed = carrying[0]["prompt_logprobs"]
+    assert streamed[0] is None and len(streamed) == num
+    assert all(1 <= len(entry) <= 2 for entry in streamed[1:])  # its own token, and the top 1

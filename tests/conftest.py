@@ -19,3 +19,19 @@ def smollm2_dir() -> Path:
     if reason is not None:
         pytest.skip(reason)
     return real_model.build_model_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_dir):
+    """The real instruct model served in a thread of the test process, as SERVED_NAME."""
+    from server.api.app import build_app
+    from server.config import EngineConfig, ServerConfig
+    from tests.thread_server import ThreadServer
+
+    config = EngineConfig.from_kwargs(str(smollm2_dir), max_model_len=real_model.MAX_MODEL_LEN,
+                                      kv_cache_memory=256 << 20)
+    name = real_model.SERVED_NAME
+    server = ThreadServer(build_app(config, ServerConfig(served_model_name=name)), name,
+                          name).start(180)
+    yield server
+    server.stop()

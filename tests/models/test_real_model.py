@@ -5,24 +5,7 @@ request)."""
 
 from __future__ import annotations
 
-import pytest
-
-from server.api.app import build_app
-from server.config import EngineConfig, ServerConfig
-from tests.real_model import MAX_MODEL_LEN
-from tests.thread_server import ThreadServer
-
-NAME = "smollm2"
-
-
-@pytest.fixture(scope="module")
-def smollm2_server(smollm2_dir):
-    config = EngineConfig.from_kwargs(str(smollm2_dir), max_model_len=MAX_MODEL_LEN,
-                                      kv_cache_memory=256 << 20)
-    server = ThreadServer(build_app(config, ServerConfig(served_model_name=NAME)), NAME,
-                          NAME).start(180)
-    yield server
-    server.stop()
+from tests.real_model import SERVED_NAME as NAME
 
 
 def test_the_chat_template_and_an_answer(smollm2_server):

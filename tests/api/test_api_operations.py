@@ -53,7 +53,11 @@ def test_disconnect_mid_stream_aborts_every_request(fake_server, path, body, num
         with c.stream("POST", path, json={"model": s.model_name, **body, **LONG,
                                            "stream": True}) as r:
             assert r.status_code == 200
-            _first_data_line(r.iter_lines())
+            # Held in a name: an abandoned iter_lines() generator, once collected, closes the
+            # connection (httpcore closes its stream on GeneratorExit), which the server rightly
+            # takes for a disconnect, maybe before the steps this test waits for.
+            lines = r.iter_lines()
+            _first_data_line(lines)
             s.wait_engine(lambda core: core.num_steps == 3)
         # leaving the block closes the connection mid-stream
     s.wait_engine(lambda core: _idle(core) and len(core.aborted) >= num_requests)

@@ -96,13 +96,18 @@ class Workload:
         problem = check(response.json())
         return Outcome(kind, FAILED if problem else OK, latency, problem)
 
+    @staticmethod
+    async def _not_ok(kind: str, response: httpx.Response, start: float) -> Outcome:
+        """A stream that was refused: read its body for the failure's detail."""
+        text = (await response.aread()).decode(errors="replace")
+        return Outcome(kind, FAILED, time.monotonic() - start,
+                       f"{response.status_code} {text[:200]}")
+
     async def _stream(self, kind: str, path: str, body: dict) -> Outcome:
         start = time.monotonic()
         async with self.client.stream("POST", path, json={**body, "stream": True}) as response:
             if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                return Outcome(kind, FAILED, time.monotonic() - start,
-                               f"{response.status_code} {text[:200]}")
+                return await self._not_ok(kind, response, start)
             events = [line async for line in response.aiter_lines() if line.startswith("data:")]
         latency = time.monotonic() - start
         if not events or events[-1] != "data: [DONE]":
@@ -154,9 +159,7 @@ class Workload:
         start = time.monotonic()
         async with self.client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                return Outcome("disconnect", FAILED, time.monotonic() - start,
-                               f"{response.status_code} {text[:200]}")
+                return await self._not_ok("disconnect", response, start)
             seen = 0
             async for line in response.aiter_lines():
                 seen += line.startswith("data:")

@@ -161,6 +161,10 @@ class FakeEngineCore:
         self._notify()
         return outputs
 
+    def _top(self, token_id: int, num: int) -> dict[int, float] | None:
+        """The fake's top-`num` logprobs: the token itself at -1, the next ids lower."""
+        return {(token_id + k) % self.vocab_size: -1.0 - k for k in range(num)} or None
+
     def _advance(self, seq: _Sequence) -> EngineCoreOutput:
         token_id = self.token_fn(seq.prompt_token_ids, len(seq.output_token_ids))
         seq.output_token_ids.append(token_id)
@@ -175,14 +179,11 @@ class FakeEngineCore:
             finish = "length"
         logprobs = []
         if params.logprobs is not None:
-            top = {(token_id + k) % self.vocab_size: -1.0 - k for k in range(params.logprobs)}
-            logprobs = [SampleResult(token_id, -1.0, top or None)]
+            logprobs = [SampleResult(token_id, -1.0, self._top(token_id, params.logprobs))]
         prompt_logprobs = None
         if num_out == 1 and params.prompt_logprobs is not None:  # every prompt token: -1, rank 1
-            prompt_logprobs = [
-                SampleResult(t, -1.0, {(t + k) % self.vocab_size: -1.0 - k
-                                       for k in range(params.prompt_logprobs)} or None, 1)
-                for t in seq.prompt_token_ids[1:]]
+            prompt_logprobs = [SampleResult(t, -1.0, self._top(t, params.prompt_logprobs), 1)
+                               for t in seq.prompt_token_ids[1:]]
         return EngineCoreOutput(seq.request_id, [token_id], new_logprobs=logprobs,
                                 finish_reason=finish, stop_reason=stop_reason,
                                 queue_time=0.0 if num_out == 1 else None,

@@ -9,12 +9,11 @@ import pytest
 from server.api.app import build_app
 from server.assets import BUNDLED_MODEL_DIR
 from server.config import EngineConfig, ServerConfig
+from tests.api.conftest import CHAT_TEMPLATE
 from tests.thread_server import ThreadServer
 
 MODEL_NAME = "stories"
 MAX_MODEL_LEN = 96
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def serve_bundled_model(**server_settings) -> ThreadServer:

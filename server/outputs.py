@@ -54,6 +54,8 @@ class RunnerOutput:
     samples: dict[str, SampleResult] = field(default_factory=dict)  # request id -> its token
     # request id -> the logprobs of the prompt tokens this step's chunk predicted, in order
     prompt_logprobs: dict[str, list[SampleResult]] = field(default_factory=dict)
+    # Requests whose structured-outputs grammar ended with this step's token: they stop.
+    grammar_ended: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,30 @@ MAX_LOGPROBS = 20  # most top-N logprobs per token (OpenAI's chat limit)
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # what a torch generator's seed and a tensor hold
 
 
+@dataclass(frozen=True, slots=True)
+class StructuredOutputsParams:
+    """One output constraint (vLLM's `structured_outputs`): exactly one of a JSON schema (as
+    canonical JSON text), any JSON object, a regex, a choice of literal strings, or a grammar
+    (EBNF, or Lark when it has no `::=`). Plain data, so it is the grammar cache's key."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    any_whitespace: bool = True  # JSON: whitespace anywhere JSON allows it (else compact)
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar")
+                 if getattr(self, name) is not None] + (["json_object"] if self.json_object
+                                                       else [])
+        if len(given) != 1:
+            raise ValueError(f"structured outputs take exactly one of json, json_object, regex, "
+                             f"choice and grammar, got {given or 'none'}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("structured outputs' choice must not be empty")
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -29,6 +53,7 @@ class SamplingParams:
     # top-N logprobs at every prompt position after the first (0: only the prompt's own token)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, message: str) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 
 from server.config import EngineConfig, describe
 from server.engine.protocol import ModelInfo
+from server.engine.tokenizer import load_tokenizer
 from server.kv_cache.manager import KVCacheManager
 from server.model_runner.runner import ModelRunner, effective_config
 from server.models.errors import ModelLoadError
@@ -16,8 +18,12 @@ from server.outputs import EngineCheck, EngineCoreOutput, EngineStats, StepError
 from server.request import Request, RequestStatus, checked_max_tokens
 from server.sampling_params import SamplingParams
 from server.scheduler.scheduler import Scheduler
+from server.structured.cache import GrammarCache
+from server.structured.grammar import build_grammar
 
 logger = logging.getLogger(__name__)
+
+_COMPILE_WAIT = 0.05  # seconds an idle engine waits for a grammar before it looks for commands
 
 
 def _not_a_model_dir(path: Path) -> str:
@@ -43,12 +49,19 @@ class EngineCore:
                 f"max_model_len={self.max_model_len} exceeds the model's context length "
                 f"(max_position_embeddings={self.arch.max_position_embeddings})")
         self.generation = read_generation_defaults(self.model_dir)
-        self.runner = ModelRunner(config, self.arch, self.model_dir, self.max_model_len)
+        self.grammars = GrammarCache(lambda: load_tokenizer(self.model_dir),
+                                     self.arch.vocab_size, self.generation.eos_token_ids)
+        self.runner = ModelRunner(config, self.arch, self.model_dir, self.max_model_len,
+                                  self.grammars)
         self.config = effective_config(config, self.runner, self.max_model_len)
         logger.info("engine config in effect: %s", describe(self.config))
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv_cache, self.max_model_len)
+        # Constrained requests whose grammar is still compiling, in arrival order; they join
+        # the scheduler once it is ready. Those whose compile failed wait in _failed.
+        self._compiling: dict[str, tuple[Request, Future]] = {}
+        self._failed: list[tuple[str, str]] = []
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: list[int],
@@ -57,21 +70,53 @@ class EngineCore:
         for a request that cannot be served."""
         max_tokens = checked_max_tokens(prompt_token_ids, sampling_params, self.arch.vocab_size,
                                         self.max_model_len)
-        self.scheduler.add_request(Request(request_id, prompt_token_ids, sampling_params,
-                                           eos_token_ids=self.generation.eos_token_ids,
-                                           max_tokens=max_tokens, arrival_time=arrival_time))
+        if request_id in self._compiling or request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        request = Request(request_id, prompt_token_ids, sampling_params,
+                          eos_token_ids=self.generation.eos_token_ids,
+                          max_tokens=max_tokens, arrival_time=arrival_time)
+        spec = sampling_params.structured_outputs
+        if spec is None or self.grammars.get(spec) is not None:
+            self.scheduler.add_request(request)
+        else:
+            build_grammar(spec)  # a constraint that cannot be built fails here, synchronously
+            self._compiling[request_id] = (request, self.grammars.compile_async(spec))
 
     def abort_request(self, request_id: str) -> None:
-        self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+        if self._compiling.pop(request_id, None) is None:
+            self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._compiling)
 
     def unfinished_request_ids(self) -> list[str]:
-        return list(self.scheduler.requests)
+        return [*self.scheduler.requests, *self._compiling]
+
+    def take_failed(self) -> list[tuple[str, str]]:
+        """(request id, why) for the requests that left the engine without an output: their
+        grammar did not compile."""
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _admit_compiled(self) -> None:
+        if not self._compiling:
+            return
+        if not self.scheduler.has_unfinished_requests():  # nothing else to do meanwhile
+            wait([f for _, f in self._compiling.values()], _COMPILE_WAIT, FIRST_COMPLETED)
+        for request_id, (request, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            error = future.exception()
+            if error is None:
+                self.scheduler.add_request(request)
+            else:
+                self._failed.append((request_id, f"the structured-outputs grammar did not "
+                                                 f"compile: {error}"))
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[EngineCoreOutput]:
+        self._admit_compiled()
         scheduler_output = self.scheduler.schedule()
         try:
             result = self.runner.execute(scheduler_output)
@@ -86,7 +131,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
+            num_waiting=self.scheduler.num_waiting + len(self._compiling),
             kv_cache_usage=self.kv_cache.usage(),
             prefix_cache_queries=self.kv_cache.stats.queries,
             prefix_cache_hits=self.kv_cache.stats.hits,

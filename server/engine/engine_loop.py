@@ -38,6 +38,8 @@ class CoreLike(Protocol):
 
     def check(self) -> EngineCheck: ...
 
+    def take_failed(self) -> list[tuple[str, str]]: ...
+
 
 @dataclass(slots=True)
 class AddCommand:
@@ -119,5 +121,6 @@ def run_engine_loop(engine: CoreLike, receive: Callable[[bool], list[Command]],
             for request_id in lost:
                 engine.abort_request(request_id)
                 crashed.append((request_id, f"internal engine error: {e}"))
+        crashed += engine.take_failed()
         emit(StepReport(outputs, engine.stats(), time.monotonic() - start, num_applied, failed,
                         crashed))

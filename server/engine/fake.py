@@ -144,6 +144,9 @@ class FakeEngineCore:
         return EngineCheck(len(self.running), len(self.waiting), 0, 0,
                            f"running and waiting at once: {sorted(both)}" if both else None)
 
+    def take_failed(self) -> list[tuple[str, str]]:
+        return []  # the fake fails no request on its own
+
     def step(self) -> list[EngineCoreOutput]:
         if not self._wait_for_go():
             return []

@@ -82,7 +82,10 @@ class LLM:
              children: dict[str, tuple[str, int, SamplingParams]], use_tqdm: bool) -> None:
         bar = tqdm(total=len(results), desc="Generating", disable=not use_tqdm)
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
+            outputs = self.engine.step()
+            for _, message in self.engine.take_failed():
+                raise ValueError(message)
+            for out in outputs:
                 request_id, index, params = children[out.request_id]
                 result = results[request_id]
                 completion = result.outputs[index]

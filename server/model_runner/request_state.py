@@ -9,6 +9,7 @@ import torch
 
 from server.sampling_params import SamplingParams
 from server.scheduler.output import NewRequestData
+from server.structured.matcher import GrammarState
 
 
 @dataclass(slots=True)
@@ -20,12 +21,14 @@ class RequestState:
     eos_token_ids: frozenset[int]
     block_ids: list[int]
     generator: torch.Generator | None  # None: the sampler's shared generator
+    grammar: GrammarState | None = None  # the request's structured-outputs constraint
 
     @classmethod
     def from_new(cls, request_id: str, new: NewRequestData, block_ids: list[int],
-                 generator: torch.Generator | None) -> RequestState:
+                 generator: torch.Generator | None,
+                 grammar: GrammarState | None = None) -> RequestState:
         return cls(request_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
-                   new.eos_token_ids, list(block_ids), generator)
+                   new.eos_token_ids, list(block_ids), generator, grammar)
 
     @property
     def num_output_tokens(self) -> int:

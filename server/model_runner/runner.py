@@ -22,7 +22,9 @@ from server.models.errors import ModelLoadError
 from server.models.layers.linear import get_linear_method
 from server.models.loader import load_model, resolve_dtype
 from server.outputs import RunnerOutput, SampleResult
-from server.scheduler.output import SchedulerOutput
+from server.scheduler.output import NewRequestData, SchedulerOutput
+from server.structured.cache import GrammarCache
+from server.structured.matcher import GrammarState
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +79,9 @@ def effective_config(config: EngineConfig, runner: ModelRunner,
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, arch: ArchConfig, model_dir: Path,
-                 max_model_len: int) -> None:
+                 max_model_len: int, grammars: GrammarCache | None = None) -> None:
         self.config = config
+        self.grammars = grammars  # where constrained requests' grammars come from
         self.arch = arch
         self.block_size = config.cache.block_size
         self.max_model_len = max_model_len
@@ -193,6 +196,15 @@ class ModelRunner:
             self._generators[request_id] = gen
         return gen
 
+    def _grammar_for(self, new: NewRequestData) -> GrammarState | None:
+        spec = new.sampling_params.structured_outputs
+        if spec is None:
+            return None
+        if self.grammars is None:
+            raise ValueError("this model runner has no grammar cache for structured outputs")
+        # The engine compiled it before scheduling; a grammar evicted since compiles here.
+        return GrammarState(self.grammars.matcher(spec), new.token_ids[new.num_prompt_tokens:])
+
     def _update_states(self, output: SchedulerOutput) -> None:
         for request_id in output.finished_req_ids:
             self._states.pop(request_id, None)
@@ -204,7 +216,8 @@ class ModelRunner:
             if new is not None:
                 self._states[entry.request_id] = RequestState.from_new(
                     entry.request_id, new, entry.new_block_ids,
-                    self._generator_for(entry.request_id, new.sampling_params.seed))
+                    self._generator_for(entry.request_id, new.sampling_params.seed),
+                    self._grammar_for(new))
             elif entry.new_block_ids:
                 self._states[entry.request_id].block_ids.extend(entry.new_block_ids)
 
@@ -235,6 +248,8 @@ class ModelRunner:
         samples = self.sampler(logits, rows)
         for row, sample in zip(rows, samples):
             row.token_ids.append(sample.token_id)
+            if row.grammar is not None and not row.grammar.accept(sample.token_id):
+                result.grammar_ended.add(row.request_id)
         result.samples = {row.request_id: s for row, s in zip(rows, samples)}
         return result
 

@@ -1,9 +1,11 @@
 """Batched sampling over the logits of the requests that sample this step.
 
 Order of operations per row: logit_bias, min_tokens masking, repetition / frequency / presence
-penalties, then greedy argmax or temperature, top-k, top-p, min-p and an exponential race drawn
-from the request's own generator when it has a seed (so its draws do not depend on the batch).
-Logprobs are those of the raw model distribution, as vLLM reports them by default.
+penalties, the structured-outputs grammar's token mask, then greedy argmax or temperature,
+top-k, top-p, min-p and an exponential race drawn from the request's own generator when it
+has a seed (so its draws do not depend on the batch). Logprobs are those of the raw model
+distribution, as vLLM reports them by default. A row with a grammar skips min_tokens: the
+grammar decides where its output may end.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import torch
 
 from server.model_runner.request_state import RequestState
 from server.outputs import SampleResult
+from server.structured.matcher import apply_grammar_masks
 
 
 def _edits_logits(row: RequestState) -> bool:
     params = row.sampling_params
     return bool(params.logit_bias or params.repetition_penalty != 1.0
                 or params.frequency_penalty or params.presence_penalty
-                or row.num_output_tokens < params.min_tokens)
+                or row.num_output_tokens < params.min_tokens or row.grammar is not None)
 
 
 def _apply_logit_bias(logits: torch.Tensor, rows: list[RequestState]) -> None:
@@ -40,7 +43,7 @@ def _apply_min_tokens(logits: torch.Tensor, rows: list[RequestState]) -> None:
     vocab = logits.shape[1]
     for i, row in enumerate(rows):
         params = row.sampling_params
-        if row.num_output_tokens >= params.min_tokens:
+        if row.num_output_tokens >= params.min_tokens or row.grammar is not None:
             continue
         banned = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -118,6 +121,8 @@ class Sampler:
         _apply_logit_bias(logits, rows)
         _apply_min_tokens(logits, rows)
         _apply_penalties(logits, rows)
+        apply_grammar_masks(logits, [(i, r.grammar) for i, r in enumerate(rows)
+                                     if r.grammar is not None])
 
         sampled = logits.max(dim=-1).indices  # argmax's first-maximum ties; ~3x faster on CPU
         random_rows = [i for i, r in enumerate(rows) if not r.sampling_params.greedy]

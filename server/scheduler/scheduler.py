@@ -174,7 +174,8 @@ class Scheduler:
             prompt_logprobs = (self._prompt_logprobs.pop(request.request_id, [])
                                if request.num_output_tokens == 1
                                and request.sampling_params.prompt_logprobs is not None else None)
-            status = self._check_stop(request)
+            status = self._check_stop(request,
+                                      request.request_id in result.grammar_ended)
             if status is not None:
                 self.running.remove(request)
                 self._finish(request, status)
@@ -192,7 +193,7 @@ class Scheduler:
             ))
         return outputs
 
-    def _check_stop(self, request: Request) -> RequestStatus | None:
+    def _check_stop(self, request: Request, grammar_ended: bool) -> RequestStatus | None:
         params = request.sampling_params
         token_id = request.all_token_ids[-1]
         if request.num_output_tokens >= params.min_tokens:
@@ -201,6 +202,8 @@ class Scheduler:
             if token_id in params.stop_token_ids:
                 request.stop_reason = token_id
                 return RequestStatus.FINISHED_STOPPED
+        if grammar_ended:  # its constraint allows no more output (even with ignore_eos)
+            return RequestStatus.FINISHED_STOPPED
         if request.max_tokens is not None and request.num_output_tokens >= request.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         if request.num_tokens >= self.max_model_len:

@@ -9,7 +9,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from server.sampling_params import INT64_MAX, INT64_MIN, MAX_LOGPROBS, SamplingParams
+from server.sampling_params import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_LOGPROBS,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 
 MAX_N = 128
 MAX_STOP_STRINGS = 4
@@ -33,16 +39,11 @@ def _given(value: Any) -> bool:
 # Fields of OpenAI's or vLLM's API that change what a request means, and when they do. A request
 # that uses one gets a 400 naming it (never a silent answer to another question).
 UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "response_format": lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
     "tools": _given,
     "tool_choice": lambda v: v not in (None, "none", "auto"),
     "functions": _given,
     "function_call": lambda v: v not in (None, "none", "auto"),
-    "structured_outputs": _given,
-    "guided_json": _given,
-    "guided_regex": _given,
-    "guided_choice": _given,
-    "guided_grammar": _given,
+    "guided_whitespace_pattern": _given,
     "echo": _given,  # chat's (vLLM): completions declare their own
     "continue_final_message": _given,
     "chat_template": _given,
@@ -75,6 +76,42 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+JsonSchema = dict[str, Any] | str  # an object, or its JSON text
+
+
+class JsonSchemaFormat(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's `response_format`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+# vLLM's `structured_outputs` fields that change what a request means and are not supported.
+STRUCTURED_OUTPUTS_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "whitespace_pattern": _given, "structural_tag": _given,
+    "disable_additional_properties": _given,
+}
+
+
+class StructuredOutputsBody(_OpenBody):
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar, json_object."""
+
+    json_: Annotated[JsonSchema | None, Field(alias="json")] = None
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: Annotated[str, Field(min_length=1)] | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_fallback: bool = False  # one backend: nothing to fall back to
+
+
 class _SamplingFields(_OpenBody):
     """Fields shared by completions and chat completions (OpenAI's and vLLM's extensions)."""
 
@@ -99,6 +136,14 @@ class _SamplingFields(_OpenBody):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs (OpenAI's, vLLM's, and vLLM's older names)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: JsonSchema | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: Annotated[str, Field(min_length=1)] | None = None
+    guided_decoding_backend: str | None = None  # vLLM's old per-request backend: xgrammar here
 
     @field_validator("stop")
     @classmethod
@@ -138,7 +183,9 @@ class _SamplingFields(_OpenBody):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                           prompt_logprobs: int | None = None) -> SamplingParams:
+                           prompt_logprobs: int | None = None,
+                           structured_outputs: StructuredOutputsParams | None = None
+                           ) -> SamplingParams:
         temperature = 1.0 if self.temperature is None else self.temperature
         top_p = 1.0 if self.top_p is None else self.top_p
         return SamplingParams(
@@ -160,6 +207,7 @@ class _SamplingFields(_OpenBody):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=structured_outputs,
         )
 
 

@@ -23,6 +23,7 @@ from server.api.protocol import (
     _SamplingFields,
     unsupported_field,
 )
+from server.api.structured_outputs import constraint_for
 from server.engine.protocol import EngineClient, EngineNotReadyError, ModelInfo, RequestStream
 from server.outputs import EngineCoreOutput, SampleResult
 from server.sampling_params import SamplingParams
@@ -169,8 +170,9 @@ def sampling_params_for(body: _SamplingFields, max_tokens: int | None,
     if explicit_max_tokens and max_tokens is not None and body.min_tokens > max_tokens:
         raise bad_request(f"min_tokens ({body.min_tokens}) must be <= max_tokens "
                           f"({max_tokens})", param="min_tokens")
+    structured_outputs = constraint_for(body)
     try:
-        return body.to_sampling_params(max_tokens, logprobs, prompt_logprobs)
+        return body.to_sampling_params(max_tokens, logprobs, prompt_logprobs, structured_outputs)
     except ValueError as e:
         raise bad_request(str(e)) from None
 

@@ -4,6 +4,7 @@ thread mode serves, streams, answers the engine check, and exits cleanly on SIGT
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 
@@ -34,6 +35,12 @@ def test_process_mode_serves_the_thread_modes_tokens(process_server, server):
     assert streamed == server.complete(prompt=PROMPTS[0], max_tokens=12,
                                        temperature=0)["choices"][0]["text"]
     assert raw.rstrip().endswith("data: [DONE]")
+    # A constraint crosses the pipe in the sampling params; the grammar compiles over there.
+    constrained = dict(prompt=PROMPTS[0], max_tokens=24, temperature=0,
+                       structured_outputs={"regex": "[0-9]{4}"})
+    text = process_server.complete(**constrained)["choices"][0]["text"]
+    assert re.fullmatch("[0-9]{4}", text)
+    assert text == server.complete(**constrained)["choices"][0]["text"]
     assert process_server.get("/health").status_code == 200
     # The consistency check crosses the pipe like every command: the pool is whole.
     assert process_server.wait_settled()["num_blocks"] > 0

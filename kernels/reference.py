@@ -95,3 +95,18 @@ def rotary(
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return torch.addcmul(x * cos, rotated, sin)
+
+
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # [byte, bit]
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """In place: logits[r, t] = -inf where bit t % 32 of bitmask[r, t // 32] is 0, for r in
+    `rows` (int32 words, little-endian bit order, as xgrammar writes them)."""
+    if not rows:
+        return
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    words = bitmask.to(logits.device).index_select(0, index).contiguous()
+    table = _BYTE_BITS.to(logits.device)
+    keep = table[words.view(torch.uint8).long()].view(len(rows), -1)[:, :logits.shape[1]]
+    logits[index] = logits.index_select(0, index).masked_fill(~keep, float("-inf"))

@@ -9,11 +9,12 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from server.engine.llm import LLM
     from server.outputs import CompletionOutput, RequestOutput
-    from server.sampling_params import SamplingParams
+    from server.sampling_params import SamplingParams, StructuredOutputsParams
 
 _LAZY = {
     "LLM": "server.engine.llm",
     "SamplingParams": "server.sampling_params",
+    "StructuredOutputsParams": "server.sampling_params",
     "RequestOutput": "server.outputs",
     "CompletionOutput": "server.outputs",
 }
@@ -27,4 +28,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'server' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput",
+           "CompletionOutput", "__version__"]

@@ -13,6 +13,7 @@ from server.config import (
     ENGINE_MODES,
     LOG_FORMAT,
     LOG_LEVELS,
+    TOOL_CALL_PARSERS,
     ServerConfig,
 )
 from server.config_flags import add_engine_args, default_of, engine_kwargs
@@ -74,7 +75,12 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                         help="seconds in-flight requests get to finish after SIGTERM")
     parser.add_argument("--chat-template", metavar="FILE_OR_JINJA",
                         default=default_of(ServerConfig, "chat_template"),
-                        help="chat template (a file or the Jinja text) for models without one")
+                        help="chat template: a file, the Jinja text, or a shipped one by name "
+                             "(chatml-tools: ChatML with Hermes-format tools)")
+    parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
+                        default=default_of(ServerConfig, "tool_call_parser"),
+                        help="how tool calls are read from the model's output (auto: the "
+                             "format the chat template uses, when it names one)")
     parser.add_argument("--engine-mode", default=default_of(ServerConfig, "engine_mode"),
                         choices=ENGINE_MODES,
                         help="run the engine loop in a thread of the server process or in a "
@@ -103,8 +109,12 @@ def _read_template(value: str | None) -> str | None:
 
     if value is None:
         return None
+    from server.assets import shipped_chat_template
+
     path = Path(value)
-    return path.read_text() if path.is_file() else value
+    if path.is_file():
+        return path.read_text()
+    return shipped_chat_template(value) or value
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 ENGINE_MODES = ("thread", "process")
+TOOL_CALL_PARSERS = ("auto", "none", "hermes", "llama3_json", "mistral")
 QUANTIZATIONS = ("none",)  # server/models/layers/linear.py's QUANTIZATION_METHODS
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -146,6 +147,9 @@ class ServerConfig:
     log_level: str = "info"  # one of LOG_LEVELS
     shutdown_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
     chat_template: str | None = None  # Jinja text; None: the tokenizer's own
+    # How tool calls are read from the output: one of TOOL_CALL_PARSERS ("auto": the format
+    # the chat template names, when it names exactly one).
+    tool_call_parser: str = "auto"
     engine_mode: str = "thread"  # where the engine loop runs: one of ENGINE_MODES
 
     def __post_init__(self) -> None:
@@ -159,3 +163,4 @@ class ServerConfig:
             raise ValueError("shutdown_timeout must be >= 0")
         _check_choice("log_level", self.log_level, LOG_LEVELS)
         _check_choice("engine_mode", self.engine_mode, ENGINE_MODES)
+        _check_choice("tool_call_parser", self.tool_call_parser, TOOL_CALL_PARSERS)

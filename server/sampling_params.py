@@ -12,23 +12,25 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # what a torch generator's see
 @dataclass(frozen=True, slots=True)
 class StructuredOutputsParams:
     """One output constraint (vLLM's `structured_outputs`): exactly one of a JSON schema (as
-    canonical JSON text), any JSON object, a regex, a choice of literal strings, or a grammar
-    (EBNF, or Lark when it has no `::=`). Plain data, so it is the grammar cache's key."""
+    canonical JSON text), any JSON object, a regex, a choice of literal strings, a grammar
+    (EBNF, or Lark when it has no `::=`), or an xgrammar structural tag (its JSON text: tool
+    calls in a model's own format). Plain data, so it is the grammar cache's key."""
 
     json: str | None = None
     json_object: bool = False
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
+    structural_tag: str | None = None
     any_whitespace: bool = True  # JSON: whitespace anywhere JSON allows it (else compact)
 
     def __post_init__(self) -> None:
-        given = [name for name in ("json", "regex", "choice", "grammar")
+        given = [name for name in ("json", "regex", "choice", "grammar", "structural_tag")
                  if getattr(self, name) is not None] + (["json_object"] if self.json_object
                                                        else [])
         if len(given) != 1:
             raise ValueError(f"structured outputs take exactly one of json, json_object, regex, "
-                             f"choice and grammar, got {given or 'none'}")
+                             f"choice, grammar and structural_tag, got {given or 'none'}")
         if self.choice is not None and not self.choice:
             raise ValueError("structured outputs' choice must not be empty")
 

@@ -35,3 +35,22 @@ def smollm2_server(smollm2_dir):
                           name).start(180)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tools_server(smollm2_dir):
+    """The real instruct model with the shipped tool template (chatml-tools: its own template
+    has no tools), so the hermes tool-call parser is chosen from it."""
+    from server.api.app import build_app
+    from server.assets import shipped_chat_template
+    from server.config import EngineConfig, ServerConfig
+    from tests.thread_server import ThreadServer
+
+    config = EngineConfig.from_kwargs(str(smollm2_dir), max_model_len=real_model.MAX_MODEL_LEN,
+                                      kv_cache_memory=256 << 20)
+    name = real_model.SERVED_NAME
+    settings = ServerConfig(served_model_name=name,
+                            chat_template=shipped_chat_template("chatml-tools"))
+    server = ThreadServer(build_app(config, settings), f"{name}-tools", name).start(180)
+    yield server
+    server.stop()

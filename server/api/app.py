@@ -92,7 +92,8 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
 
         engine = make_engine_client(engine_config, server_config.engine_mode)
     ctx = ServingContext(engine, name, server_config.max_queued_requests, metrics,
-                         chat_template=server_config.chat_template)
+                         chat_template=server_config.chat_template,
+                         tool_call_parser=server_config.tool_call_parser)
     created = int(time.time())
     limit = server_config.max_request_body_bytes
     tokenizer_error: list[BaseException] = []
@@ -210,7 +211,8 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
         if body.messages is not None:
-            tokens = render_chat(ctx, body.messages, body.add_generation_prompt)
+            tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
+            tokens = render_chat(ctx, body.messages, body.add_generation_prompt, tools)
         else:
             tokens = list(ctx.tokenizer(body.prompt,
                                         add_special_tokens=body.add_special_tokens).input_ids)

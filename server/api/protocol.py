@@ -39,8 +39,6 @@ def _given(value: Any) -> bool:
 # Fields of OpenAI's or vLLM's API that change what a request means, and when they do. A request
 # that uses one gets a 400 naming it (never a silent answer to another question).
 UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "tools": _given,
-    "tool_choice": lambda v: v not in (None, "none", "auto"),
     "functions": _given,
     "function_call": lambda v: v not in (None, "none", "auto"),
     "guided_whitespace_pattern": _given,
@@ -61,7 +59,7 @@ UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "web_search_options": _given,
 }
 MESSAGE_UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "tool_calls": _given, "function_call": _given, "audio": _given,
+    "function_call": _given, "audio": _given,
 }
 
 
@@ -251,10 +249,47 @@ class TextPart(_Body):
     text: str
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionDefinition(_Body):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class ToolDefinition(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: FunctionName
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_OpenBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -270,6 +305,9 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # vLLM's
     add_generation_prompt: bool = True
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -280,6 +318,7 @@ class TokenizeRequest(_OpenBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ToolDefinition] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -24,9 +24,10 @@ from server.api.protocol import (
     unsupported_field,
 )
 from server.api.structured_outputs import constraint_for
+from server.api.tools.parsers import parser_for_template
 from server.engine.protocol import EngineClient, EngineNotReadyError, ModelInfo, RequestStream
 from server.outputs import EngineCoreOutput, SampleResult
-from server.sampling_params import SamplingParams
+from server.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 @dataclass
@@ -40,8 +41,20 @@ class ServingContext:
     metrics: Any = None
     chat_template: str | None = None
     tokenizer: Any = None
+    tool_call_parser: str = "auto"  # a parser's name, "auto" (from the template) or "none"
 
     _token_texts: TokenTexts | None = None
+
+    @property
+    def template(self) -> str | None:
+        """The chat template in use: the server's, else the tokenizer's."""
+        return self.chat_template or getattr(self.tokenizer, "chat_template", None)
+
+    @property
+    def tool_parser_name(self) -> str | None:
+        if self.tool_call_parser == "auto":
+            return parser_for_template(self.template)
+        return None if self.tool_call_parser == "none" else self.tool_call_parser
 
     @property
     def ready(self) -> bool:
@@ -164,13 +177,17 @@ def new_id(prefix: str) -> str:
 
 def sampling_params_for(body: _SamplingFields, max_tokens: int | None,
                         logprobs: int | None, explicit_max_tokens: bool,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None,
+                        implied_constraint: tuple[str, StructuredOutputsParams] | None = None
+                        ) -> SamplingParams:
     """`max_tokens` is the output cap in effect; `explicit_max_tokens` whether the client set it
-    (min_tokens above a default cap is clipped to it, above the client's own is a 400)."""
+    (min_tokens above a default cap is clipped to it, above the client's own is a 400).
+    `implied_constraint`: (field, constraint) a field other than the structured-outputs ones
+    asks for (tool_choice)."""
     if explicit_max_tokens and max_tokens is not None and body.min_tokens > max_tokens:
         raise bad_request(f"min_tokens ({body.min_tokens}) must be <= max_tokens "
                           f"({max_tokens})", param="min_tokens")
-    structured_outputs = constraint_for(body)
+    structured_outputs = constraint_for(body, implied_constraint)
     try:
         return body.to_sampling_params(max_tokens, logprobs, prompt_logprobs, structured_outputs)
     except ValueError as e:

@@ -82,9 +82,11 @@ def _constraints(body: _SamplingFields) -> list[tuple[str, Spec]]:
     return found
 
 
-def constraint_for(body: _SamplingFields) -> Spec | None:
-    """The request's one output constraint, checked; None when it has none."""
-    found = _constraints(body)
+def constraint_for(body: _SamplingFields,
+                   extra: tuple[str, Spec] | None = None) -> Spec | None:
+    """The request's one output constraint, checked; None when it has none. `extra` is one
+    the request implies (its tool_choice), named by its field."""
+    found = _constraints(body) + ([extra] if extra is not None else [])
     if not found:
         return None
     if len(found) > 1:

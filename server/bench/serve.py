@@ -201,15 +201,25 @@ async def send(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -
     return result
 
 
-def request_body(model: str, prompt, output_len: int, ignore_eos: bool) -> dict:
+def request_body(model: str, prompt, output_len: int, ignore_eos: bool,
+                 extra: dict | None = None) -> dict:
+    """`extra`: more fields for every request (a structured-outputs constraint)."""
     return {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True},
-            "ignore_eos": ignore_eos}
+            "ignore_eos": ignore_eos, **(extra or {})}
+
+
+def json_schema_format(path: str | Path) -> dict:
+    """The `response_format` that constrains every request to the JSON schema in `path`."""
+    schema = json.loads(Path(path).read_text())
+    return {"response_format": {"type": "json_schema",
+                                "json_schema": {"name": "bench", "schema": schema}}}
 
 
 async def run(base_url: str, model: str, prompts: list, output_len: int, concurrency: int | None,
               request_rate: float | None, ignore_eos: bool, api_key: str | None, seed: int,
-              progress: bool = True, warmup_prompt=None) -> dict:
+              progress: bool = True, warmup_prompt=None, extra_body: dict | None = None
+              ) -> dict:
     from tqdm import tqdm
 
     url = base_url.rstrip("/") + "/completions"
@@ -218,8 +228,9 @@ async def run(base_url: str, model: str, prompts: list, output_len: int, concurr
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
         if warmup_prompt is None:
             warmup_prompt = warmup_prompt_for(prompts[0])
-        warm = await send(client, url, request_body(model, warmup_prompt, 4, ignore_eos),
-                          headers)
+        # With a constraint, the warm-up also compiles its grammar before the clock starts.
+        warm = await send(client, url, request_body(model, warmup_prompt, 4, ignore_eos,
+                                                    extra_body), headers)
         if not warm.ok:
             raise RuntimeError(f"the warm-up request failed: {warm.error}")
         bar = tqdm(total=len(prompts), desc="bench serve", disable=not progress)
@@ -229,7 +240,7 @@ async def run(base_url: str, model: str, prompts: list, output_len: int, concurr
         async def one(prompt) -> RequestResult:
             async with semaphore:
                 result = await send(client, url, request_body(model, prompt, output_len,
-                                                              ignore_eos), headers)
+                                                              ignore_eos, extra_body), headers)
             bar.update(1)
             return result
 
@@ -286,6 +297,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--json-schema", default=None, metavar="FILE",
+                        help="constrain every request to this JSON schema (response_format)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the summary")
 
 
@@ -293,11 +306,13 @@ def main(args) -> int:
     prompts = build_prompts(args.num_prompts, args.input_len, args.seed,
                             getattr(args, "prompt_format", "ids"), args.vocab_size,
                             getattr(args, "tokenizer", None))
+    schema = getattr(args, "json_schema", None)
     summary = asyncio.run(run(args.base_url, args.model, prompts, args.output_len,
                               args.concurrency, args.request_rate, args.ignore_eos,
-                              args.api_key, args.seed))
+                              args.api_key, args.seed,
+                              extra_body=json_schema_format(schema) if schema else None))
     summary.update(input_len=args.input_len, prompt_format=getattr(args, "prompt_format", "ids"),
-                   seed=args.seed, ignore_eos=args.ignore_eos)
+                   seed=args.seed, ignore_eos=args.ignore_eos, json_schema=schema)
     print(format_table(summary))
     if args.json:
         with open(args.json, "w") as f:
@@ -305,5 +320,6 @@ def main(args) -> int:
     return 0 if summary["failed"] == 0 else 1
 
 
-__all__ = ["RequestResult", "add_arguments", "asdict", "build_prompts", "format_table", "main",
-           "make_prompts", "make_text_prompts", "percentiles", "run", "summarize"]
+__all__ = ["RequestResult", "add_arguments", "asdict", "build_prompts", "format_table",
+           "json_schema_format", "main", "make_prompts", "make_text_prompts", "percentiles",
+           "run", "summarize"]

@@ -2,7 +2,9 @@
 model and no torch. Its tokens are deterministic (by default the prompt, repeated), and tests
 decide how long a request lasts: `pause()` holds every step from the next one on until
 `resume()`, `allow(k)` lets k more steps run first, `step_delay` sleeps in each step, and
-`fail_when` makes a step raise. Tests wait on its state (`wait_for`), never on the clock."""
+`fail_when` makes a step raise. Tests wait on its state (`wait_for`), never on the clock.
+Structured-outputs constraints are recorded (`params_seen`), not enforced: its text is the
+test's script."""
 
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ class FakeEngineCore:
         self.running: list[_Sequence] = []
         self.num_steps = 0
         self.added: list[str] = []
+        self.params_seen: list[SamplingParams] = []  # of every request added, in order
         self.aborted: list[str] = []
         self._changed = threading.Condition()
         self._steps_allowed: int | None = None  # None: no limit
@@ -119,6 +122,7 @@ class FakeEngineCore:
         self.waiting.append(_Sequence(request_id, list(prompt_token_ids), sampling_params,
                                       max_tokens, arrival))
         self.added.append(request_id)
+        self.params_seen.append(sampling_params)
         self._notify()
 
     def abort_request(self, request_id: str) -> None:

@@ -55,6 +55,8 @@ def build_grammar(spec: StructuredOutputsParams) -> xgr.Grammar:
             return xgr.Grammar.from_regex(spec.regex)
         if spec.choice is not None:
             return xgr.Grammar.from_ebnf(choice_ebnf(spec.choice))
+        if spec.structural_tag is not None:
+            return _strict_strings(xgr.Grammar.from_structural_tag(spec.structural_tag))
         assert spec.grammar is not None  # StructuredOutputsParams holds exactly one
         if "::=" in spec.grammar:
             return xgr.Grammar.from_ebnf(spec.grammar)

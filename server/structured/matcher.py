@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 import xgrammar as xgr
 
+from kernels.token_bitmask import apply_token_bitmask_
+
 
 class GrammarState:
     """One request's matcher. Built for a request the runner (re)starts, it replays the output
@@ -42,5 +44,9 @@ def apply_grammar_masks(logits: torch.Tensor, states: Sequence[tuple[int, Gramma
     bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
     for row, state in states:
         state.fill(bitmask, row)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                    indices=[row for row, _ in states])
+    rows = [row for row, _ in states]
+    if logits.device.type == "cpu":  # xgrammar's CPU kernel is 6x slower on sparse masks
+        apply_token_bitmask_(logits, bitmask, rows)
+    else:
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                        indices=rows)

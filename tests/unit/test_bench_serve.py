@@ -309,6 +309,16 @@ def test_main_with_text_prompts_writes_json(fake, tmp_path, capsys):
     assert summary["completed"] == 3 and summary["prompt_format"] == "text"
     assert summary["concurrency"] == 2 and summary["input_len"] == 20
     assert all(isinstance(r["body"]["prompt"], str) for r in state.requests)
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object"}')
+    state.requests.clear()
+    args = parser.parse_args(["--base-url", base_url, "--model", "fake", "--num-prompts", "2",
+                              "--output-len", "3", "--json-schema", str(schema)])
+    assert bench.main(args) == 0
+    assert len(state.requests) == 3  # the warm-up compiles the grammar too
+    for r in state.requests:
+        assert r["body"]["response_format"] == {"type": "json_schema", "json_schema": {
+            "name": "bench", "schema": {"type": "object"}}}
     with pytest.raises(SystemExit):  # --concurrency and --request-rate exclude each other
         parser.parse_args(["--base-url", "u", "--model", "m", "--concurrency", "2",
                            "--request-rate", "1"])

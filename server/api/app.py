@@ -28,11 +28,13 @@ from server.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ResponsesRequest,
     TokenizeRequest,
 )
 from server.api.serving_chat import create_chat_completion, render_chat
 from server.api.serving_common import ServingContext, check_supported
 from server.api.serving_completion import create_completion
+from server.api.serving_responses import create_response
 from server.config import EngineConfig, ServerConfig
 from server.engine.protocol import EngineClient
 from server.engine.tokenizer import load_tokenizer
@@ -201,6 +203,11 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
     async def chat_completions(request: Request):
         body = await read_body(request, ChatCompletionRequest, limit)
         return await create_chat_completion(ctx, body, request)  # type: ignore[arg-type]
+
+    @app.post("/v1/responses", openapi_extra=json_body(ResponsesRequest))
+    async def responses(request: Request):
+        body = await read_body(request, ResponsesRequest, limit)
+        return await create_response(ctx, body, request)  # type: ignore[arg-type]
 
     @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
     async def tokenize(request: Request) -> JSONResponse:

@@ -326,3 +326,57 @@ class TokenizeRequest(_OpenBody):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
+
+
+# Fields of the Responses API that change what a request means and are not supported: a 400
+# naming them. (`store` is checked on its own: only `true` is refused, nothing is stored.)
+RESPONSES_UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "previous_response_id": _given, "conversation": _given, "background": _given,
+    "prompt": _given, "include": _given, "reasoning": _given, "max_tool_calls": _given,
+    "top_logprobs": _given, "truncation": lambda v: v not in (None, "disabled"),
+    "context_management": _given,
+}
+
+
+class ResponsesFunctionTool(_Body):
+    type: Literal["function"]
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesNamedToolChoice(_Body):
+    type: Literal["function"]
+    name: FunctionName
+
+
+class ResponsesTextFormat(_Body):
+    """`text.format`: OpenAI's response_format with the schema fields flattened."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    description: str | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
+    strict: bool | None = None
+
+
+class ResponsesText(_Body):
+    format: ResponsesTextFormat | None = None
+
+
+class ResponsesRequest(_OpenBody):
+    model: str | None = None
+    input: str | Annotated[list[dict[str, Any]], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    stream: bool = False
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    tools: list[ResponsesFunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesNamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    text: ResponsesText | None = None
+    user: str | None = None

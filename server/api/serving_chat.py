@@ -109,8 +109,9 @@ def _logprobs(ctx: ServingContext, samples: list[SampleResult], num_top: int) ->
     return {"content": content}
 
 
-async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest,
-                                 request: Request):
+def start_chat(ctx: ServingContext, body: ChatCompletionRequest) -> ChatRun:
+    """Check a chat request, render its prompt and submit it; the Responses API starts its
+    requests here too."""
     ctx.check_ready()
     ctx.check_model(body)
     check_supported(body, body.messages)
@@ -134,7 +135,12 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     ctx.check_queue(body.n)
     if ctx.metrics is not None:
         ctx.metrics.on_prompt(len(prompt_ids))
-    chat = _Chat(ctx, body, prompt_ids, params, num_top, plan)
+    return ChatRun(ctx, body, prompt_ids, params, num_top, plan)
+
+
+async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest,
+                                 request: Request):
+    chat = start_chat(ctx, body)
     if body.stream:
         return ClosingStreamingResponse(chat.stream(), [chat.request_stream])
     try:
@@ -144,7 +150,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
 
 
 @dataclass
-class _Piece:
+class Piece:
     """What one engine output adds to a choice's message: content, tool-call deltas, logprobs."""
 
     content: str
@@ -153,7 +159,9 @@ class _Piece:
     finish_reason: str | None
 
 
-class _Chat:
+class ChatRun:
+    """One submitted chat request: its choices' text, tool calls and the response bodies."""
+
     def __init__(self, ctx: ServingContext, body: ChatCompletionRequest, prompt_ids: list[int],
                  params, num_top: int, plan: ToolPlan) -> None:
         self.ctx, self.body, self.prompt_ids, self.params = ctx, body, prompt_ids, params
@@ -174,11 +182,11 @@ class _Chat:
     def usage(self) -> dict:
         return usage(len(self.prompt_ids), sum(len(c.token_ids) for c in self.choices))
 
-    def _finish_reason(self, index: int, reason: str | None) -> str | None:
+    def finish_reason(self, index: int, reason: str | None) -> str | None:
         tools = self.tools[index]
         return "tool_calls" if reason == "stop" and tools is not None and tools.calls else reason
 
-    async def _run(self) -> AsyncIterator[tuple[ChoiceState, _Piece]]:
+    async def pieces(self) -> AsyncIterator[tuple[ChoiceState, Piece]]:
         stream = self.request_stream
         async for out in stream:
             choice = self.choices[out.index]
@@ -192,8 +200,8 @@ class _Chat:
                 if self._eos_text and final:
                     content = content.removesuffix(self._eos_text)
                 content, calls = tools.feed(content, final)
-            yield choice, _Piece(content, calls, delta.logprobs,
-                                 self._finish_reason(out.index, delta.finish_reason))
+            yield choice, Piece(content, calls, delta.logprobs,
+                                 self.finish_reason(out.index, delta.finish_reason))
 
     def _message(self, choice: ChoiceState) -> dict:
         tools = self.tools[choice.index]
@@ -208,14 +216,14 @@ class _Chat:
         return message
 
     async def complete(self) -> dict:
-        async for choice, piece in self._run():
+        async for choice, piece in self.pieces():
             self._contents[choice.index].append(piece.content)
         choices = [{
             "index": c.index,
             "message": self._message(c),
             "logprobs": (_logprobs(self.ctx, c.logprobs, self.num_top) if self.body.logprobs
                          else None),
-            "finish_reason": self._finish_reason(c.index, c.finish_reason),
+            "finish_reason": self.finish_reason(c.index, c.finish_reason),
             "stop_reason": c.stop_reason,
         } for c in self.choices]
         return {"id": self.id, "object": "chat.completion", "created": self.created,
@@ -240,7 +248,7 @@ class _Chat:
                                     "delta": {"role": "assistant", "content": ""},
                                     "logprobs": None, "finish_reason": None}])
             prompt_logprobs_sent = self.body.prompt_logprobs is None
-            async for choice, piece in self._run():
+            async for choice, piece in self.pieces():
                 extra = {}
                 if not prompt_logprobs_sent:  # with the first output, in its chunk
                     extra, prompt_logprobs_sent = self._prompt_logprobs(choice), True

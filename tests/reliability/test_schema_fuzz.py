@@ -1,8 +1,8 @@
 """Fuzzing from the OpenAPI document: schemathesis generates valid and invalid requests for every
 route (bodies, path parameters, content types) against the real engine over the bundled model.
 Every answer is a 2xx or a 4xx in OpenAI's error envelope, never a 5xx; a stream ends with
-[DONE] and carries no server error; afterwards the pool's invariants hold, no block is leaked,
-and a normal request is served.
+[DONE] (a Responses stream with its final state) and carries no server error; afterwards the
+pool's invariants hold, no block is leaked, and a normal request is served.
 
 PAGEDSERVE_FUZZ_CASES sets the cases per route and mode (CI: the default; the README's figure
 comes from a larger run, see docs/reliability.md)."""
@@ -49,6 +49,13 @@ def _check_answer(response) -> None:
         body = response.json()
         assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
         assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    elif content_type.startswith("text/event-stream") and response.request.url.endswith(
+            "/v1/responses"):  # typed events, ending with the response's final state
+        events = [json.loads(e.split("data: ", 1)[1])
+                  for e in response.text.split("\n\n") if e.strip()]
+        assert events and events[-1]["type"] in ("response.completed", "response.incomplete"), \
+            response.text[-300:]
+        assert all(e["type"] != "error" for e in events), response.text[-300:]
     elif content_type.startswith("text/event-stream"):
         events = [e for e in response.text.split("\n\n") if e.strip()]
         assert events and events[-1] == "data: [DONE]", response.text[-300:]

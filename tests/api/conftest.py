@@ -55,3 +55,28 @@ def make_fake_server():
 @pytest.fixture()
 def fake_server(make_fake_server) -> FakeServer:
     return make_fake_server()
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer():
+    from server.assets import BUNDLED_MODEL_DIR
+    from server.engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(BUNDLED_MODEL_DIR)
+
+
+@pytest.fixture()
+def scripted(make_fake_server, bundled_tokenizer):
+    """`scripted(text, **server_settings)`: a server over a fake engine that answers every
+    request with `text`, then EOS (token 2), served with the shipped tool template unless the
+    settings name another."""
+    from server.assets import shipped_chat_template
+
+    def make(text: str, **settings) -> FakeServer:
+        ids = bundled_tokenizer(text, add_special_tokens=False).input_ids + [2]
+        core = FakeEngineCore(max_model_len=4096, eos_token_ids=[2],
+                              token_fn=lambda _, i: ids[min(i, len(ids) - 1)])
+        settings.setdefault("chat_template", shipped_chat_template("chatml-tools"))
+        return make_fake_server(core, **settings)
+
+    return make

@@ -9,13 +9,9 @@ import json
 
 import pytest
 
-from server.assets import shipped_chat_template
-from server.engine.fake import FakeEngineCore
-from server.engine.tokenizer import load_tokenizer
 from tests.api.conftest import MODEL_NAME
 from tests.http_client import assert_error
 
-EOS = 2
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -24,27 +20,6 @@ TOOLS = [{"type": "function", "function": {
 MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
 CALL_TEXT = ('I will check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": '
              '"Paris"}}\n</tool_call>')
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from server.assets import BUNDLED_MODEL_DIR
-
-    return load_tokenizer(BUNDLED_MODEL_DIR)
-
-
-@pytest.fixture()
-def scripted(make_fake_server, tokenizer):
-    """A server over a fake engine that answers every request with `text` (then EOS)."""
-
-    def make(text: str, **settings):
-        ids = tokenizer(text, add_special_tokens=False).input_ids + [EOS]
-        core = FakeEngineCore(max_model_len=4096, eos_token_ids=[EOS],
-                              token_fn=lambda _, i: ids[min(i, len(ids) - 1)])
-        settings.setdefault("chat_template", shipped_chat_template("chatml-tools"))
-        return make_fake_server(core, **settings)
-
-    return make
 
 
 def chat(server, **body):

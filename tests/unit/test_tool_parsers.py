@@ -133,3 +133,5 @@ def test_required_reads_the_list_once_whole():
     cut = RequiredExtractor()
     assert stream(cut, text[:20], 6) == (text[:20], [])  # cut short: left as text
     assert cut.calls == []
+    odd = RequiredExtractor()  # valid JSON of another shape (a stop string cut it so)
+    assert stream(odd, '[{"name": 1}]', 6) == ('[{"name": 1}]', []) and odd.calls == []

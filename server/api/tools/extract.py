@@ -111,6 +111,10 @@ class RequiredExtractor(ToolExtractor):
         try:
             items = json.loads(self._text)
         except ValueError:
+            items = None
+        if not isinstance(items, list) or not all(
+                isinstance(i, dict) and isinstance(i.get("name"), str)
+                and isinstance(i.get("parameters"), dict) for i in items):
             return self._text, []  # cut short (max_tokens, a stop string): left as text
         deltas: list[CallDelta] = []
         for item in items[:None if self.parallel else 1]:

@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 # Make `tests.model_factory` importable without installing the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# Which GEMM serves a row count is measured at start-up (packed_gemm.own_rows_limit): the tests
+# fix it, so the kernels they exercise do not depend on how fast this machine is. Servers the
+# tests start inherit it. test_cpu_speedups.py tests the measurement with its own timings.
+os.environ.setdefault("PAGEDSERVE_SMALL_GEMM_ROWS", "64")
 
 import pytest  # noqa: E402
 

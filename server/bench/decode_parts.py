@@ -10,8 +10,6 @@ command, not part of the test run:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,18 +20,13 @@ from server.config import ModelConfig
 from server.model_runner.cpu import KernelChoice, compiled_decode_step
 from server.models.base import ModelOptions
 from server.models.layers.linear import pack_linear_weights
+from server.models.layers.packed_gemm import median_time
 from server.models.loader import load_model
 from server.models.registry import read_arch_config
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_time(fn, repeats)
 
 
 def measure(model_dir: Path, batch_size: int, context: int, block_size: int = 16,

@@ -16,7 +16,7 @@ from server.config import ModelConfig
 from server.models.attention_metadata import AttentionMetadata
 from server.models.base import CausalLM, DecoderExport, KVCache
 from server.models.layers.linear import Linear, pack_linear_weights
-from server.models.layers.packed_gemm import SMALL_ROWS
+from server.models.layers.packed_gemm import PackedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +46,17 @@ def choose_kernels(config: ModelConfig, device: torch.device, dtype: torch.dtype
 
 
 def pack_for_cpu(model: CausalLM, choice: KernelChoice, budget_bytes: int | None) -> str:
-    """Make the packed GEMM copies (and the small-row ones where the compiled kernels run);
-    returns what was packed, for the start-up log."""
+    """Make the packed GEMM copies (and the small-row ones where the compiled kernels run and
+    measured faster); returns what was packed, for the start-up log."""
     count = pack_linear_weights(model, budget_bytes,
                                 small=choice.native and cpu_linear.available())
-    small = sum(1 for m in model.modules() if isinstance(m, Linear)
-                and m.packed is not None and m.packed.small is not None)
-    return f"{count} packed ({small} with a copy for {SMALL_ROWS[0]}-{SMALL_ROWS[1]} rows)"
+    limits: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, Linear) and m.packed is not None:
+            limits[f"{m.weight.shape[1]}x{m.weight.shape[0]}"] = m.packed.small_max_rows
+    served = ", ".join(f"{shape}: 1-{rows}" if rows else f"{shape}: none"
+                       for shape, rows in limits.items())
+    return f"{count} packed (rows the compiled GEMM serves, in x out: {served or 'none'})"
 
 
 def _not_compiled_because(model: CausalLM, export: DecoderExport | None) -> str | None:
@@ -65,7 +69,8 @@ def _not_compiled_because(model: CausalLM, export: DecoderExport | None) -> str 
         return "it computes in fp32 on CPU only"
     if any(m.packed is None or m.packed.small is None
            for layer in export.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)):
-        return "not every projection has its small-row GEMM copy"
+        return ("not every projection has its small-row GEMM copy (where the compiled GEMM "
+                "measured slower than torch's, it has none; PAGEDSERVE_SMALL_GEMM_ROWS overrides)")
     if not cpu_decoder.available():
         return "kernels.cpu_decoder did not build"
     return None
@@ -77,6 +82,10 @@ class CompiledDecodeStep:
 
     def __init__(self, export: DecoderExport, kv_caches: list[KVCache]) -> None:
         self.export = export
+        # As many rows as every projection's compiled GEMM measured faster at.
+        self.max_rows = min([COMPILED_DECODE_ROWS] + [
+            _packed(m).small_max_rows for layer in export.layers
+            for m in (layer.qkv, layer.o, layer.gate_up, layer.down)])
         layers = []
         for layer, (key_cache, value_cache) in zip(export.layers, kv_caches, strict=True):
             layers.append(cpu_decoder.LayerTensors(
@@ -93,10 +102,9 @@ class CompiledDecodeStep:
             layers, export.final_norm.detach(), num_heads=export.num_heads,
             num_kv_heads=export.num_kv_heads, head_dim=export.head_dim, eps=export.eps)
 
-    @staticmethod
-    def applies(num_tokens: int, md: AttentionMetadata) -> bool:
+    def applies(self, num_tokens: int, md: AttentionMetadata) -> bool:
         plan = md.plan
-        return (num_tokens <= COMPILED_DECODE_ROWS and plan is not None and plan.all_decode
+        return (num_tokens <= self.max_rows and plan is not None and plan.all_decode
                 and plan.native)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -120,13 +128,19 @@ def compiled_decode_step(model: CausalLM, config: ModelConfig, choice: KernelCho
     reason = _not_compiled_because(model, export)
     if reason is not None or export is None:
         return None, f"off ({reason})"
-    return (CompiledDecodeStep(export, kv_caches),
-            f"on for decode-only steps of 1-{COMPILED_DECODE_ROWS} sequences")
+    step = CompiledDecodeStep(export, kv_caches)
+    return step, f"on for decode-only steps of 1-{step.max_rows} sequences"
+
+
+def _packed(module: Linear) -> PackedWeight:
+    assert module.packed is not None
+    return module.packed
 
 
 def _small_copy(module: Linear) -> torch.Tensor:
-    assert module.packed is not None and module.packed.small is not None
-    return module.packed.small
+    small = _packed(module).small
+    assert small is not None
+    return small
 
 
 def _bias(module: Linear) -> torch.Tensor | None:

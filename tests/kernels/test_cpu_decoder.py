@@ -133,13 +133,26 @@ def test_sliding_window():
     assert_same(both_paths(model, *make_step(model, [3, 6, 7, 25])))
 
 
-def test_the_step_applies_only_to_few_decodes_on_the_native_path():
+def test_the_step_applies_only_to_few_decodes_on_the_native_path(monkeypatch):
     model = make_model()
-    assert CompiledDecodeStep.applies(COMPILED_DECODE_ROWS,
-                                      make_step(model, [5] * COMPILED_DECODE_ROWS)[3])
-    assert not CompiledDecodeStep.applies(COMPILED_DECODE_ROWS + 1,
-                                          make_step(model, [5] * (COMPILED_DECODE_ROWS + 1))[3])
-    assert not CompiledDecodeStep.applies(2, make_step(model, [5, 3], backend="torch")[3])
+    *_, caches, md = make_step(model, [5] * COMPILED_DECODE_ROWS)
+    step = compiled_for(model, caches)
+    assert step.max_rows == COMPILED_DECODE_ROWS  # the tests fix the measured limit at 64
+    assert step.applies(COMPILED_DECODE_ROWS, md)
+    assert not step.applies(COMPILED_DECODE_ROWS + 1,
+                            make_step(model, [5] * (COMPILED_DECODE_ROWS + 1))[3])
+    assert not step.applies(2, make_step(model, [5, 3], backend="torch")[3])
+    # Where the compiled GEMM measured faster only up to 8 rows, so does the step.
+    from server.models.layers import packed_gemm
+
+    monkeypatch.setenv("PAGEDSERVE_SMALL_GEMM_ROWS", "8")
+    packed_gemm.own_rows_limit.cache_clear()
+    try:
+        limited = compiled_for(make_model(), caches)
+        assert limited.max_rows == 8 and limited.applies(8, make_step(model, [5] * 8)[3])
+        assert not limited.applies(9, make_step(model, [5] * 9)[3])
+    finally:
+        packed_gemm.own_rows_limit.cache_clear()
 
 
 def test_out_of_range_blocks_raise_and_write_nothing():

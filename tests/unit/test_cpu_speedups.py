@@ -129,6 +129,39 @@ def test_small_row_copies_serve_their_rows(monkeypatch):
     assert used == [lo, lo + 1, hi]
 
 
+def test_the_row_limit_is_the_last_count_the_own_gemm_wins_at_in_a_row():
+    from server.models.layers.packed_gemm import row_limit
+
+    assert row_limit(lambda rows: True) == SMALL_ROWS[1]
+    assert row_limit(lambda rows: rows <= 8) == 8
+    assert row_limit(lambda rows: rows != 4) == 2  # a loss ends the run: 8 and up stay off
+    assert row_limit(lambda rows: False) == 0
+
+
+def test_the_measured_limit_decides_the_rows_and_the_compiled_step(monkeypatch):
+    """With the measurement saying the own GEMM wins up to 8 rows, 9+ rows take torch's
+    GEMM; saying it never wins, no small-row copy is made."""
+    from kernels import cpu_linear
+    from server.models.layers import packed_gemm
+
+    if not cpu_linear.available():
+        pytest.skip("no C++ compiler: no small-row GEMM")
+    for forced, expected in (("8", [1, 8]), ("0", [])):
+        monkeypatch.setenv("PAGEDSERVE_SMALL_GEMM_ROWS", forced)
+        packed_gemm.own_rows_limit.cache_clear()
+        layer = random_linear(96, 200, bias=True)
+        assert layer.pack(small=True)
+        assert layer.packed.small_max_rows == int(forced)
+        assert (layer.packed.small is None) == (forced == "0")
+        used = rows_seen(monkeypatch, cpu_linear, "linear")
+        for rows in (1, 8, 9):
+            x = torch.randn(rows, 96)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
+                                       rtol=1e-5, atol=1e-5)
+        assert used == expected
+    packed_gemm.own_rows_limit.cache_clear()
+
+
 def test_small_row_copies_are_dropped_first_when_over_budget():
     from kernels import cpu_linear
 

@@ -16,13 +16,21 @@ second copy of every linear weight in memory, hence the runner's budget
 (layers/linear.py's `pack_linear_weights`).
 
 With the compiled CPU kernels (`small=True`), a third copy in kernels/cpu_linear.py's layout
-serves 1-32 rows (SMALL_ROWS): over the SmolLM2-135M weights, 2 threads, it takes 0.95x MKL's
-time at 1 row, 0.69-0.80x at 4-16, 0.88x at 32 and 1.03x at 64 (so MKL keeps 33+ rows).
+serves the row counts where it is faster than the path above, measured on this machine for each
+weight shape (`own_rows_limit`): on 2 Sapphire Rapids cores over SmolLM2-135M it took 0.95x
+MKL's time at 1 row, 0.69-0.80x at 4-16, 0.88x at 32 and 1.03x at 64; on 2 Zen 2 cores (AVX2,
+16 vector registers) 1.0-1.4x at 1 row and 1.6-4x from 8 rows, so there MKL keeps them.
+PAGEDSERVE_SMALL_GEMM_ROWS=R skips the measurement and serves 1-R rows from the copy (0: none).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +41,8 @@ from kernels import cpu_linear
 logger = logging.getLogger(__name__)
 
 PACKED_MIN_ROWS = 4  # measured crossover on 2 Sapphire Rapids cores, docs/performance.md
-SMALL_ROWS = (1, 32)  # rows served from the cpu_linear copy, when there is one (measured)
+SMALL_ROWS = (1, 64)  # the most rows the cpu_linear copy may serve; per shape, as measured
+_LADDER = (1, 2, 4, 8, 16, 32, 64)  # row counts timed for the limit
 _MKL_PACK_ROWS = 64  # the batch-size hint given to MKL's packer (the layout ignores it)
 _PROBE_ROWS = (PACKED_MIN_ROWS, 7, 64, 200)
 
@@ -42,7 +51,8 @@ _PROBE_ROWS = (PACKED_MIN_ROWS, 7, 64, 200)
 class PackedWeight:
     kind: str  # "mkl" or "onednn"
     tensor: torch.Tensor
-    small: torch.Tensor | None = None  # cpu_linear.pack(weight), for SMALL_ROWS rows
+    small: torch.Tensor | None = None  # cpu_linear.pack(weight), for 1..small_max_rows rows
+    small_max_rows: int = 0
 
 
 def _run_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -62,6 +72,49 @@ def _agrees(packed: PackedWeight, weight: torch.Tensor, bias: torch.Tensor | Non
     return True
 
 
+def row_limit(own_is_faster: Callable[[int], bool], ladder: tuple[int, ...] = _LADDER) -> int:
+    """The largest row count of `ladder` up to which the own GEMM wins at every count (0: it
+    loses at the first)."""
+    limit = 0
+    for rows in ladder:
+        if not own_is_faster(rows):
+            break
+        limit = rows
+    return limit
+
+
+def median_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Seconds `fn` takes, the median of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@functools.cache
+def own_rows_limit(in_features: int, out_features: int) -> int:
+    """Up to how many rows the cpu_linear copy beats the packed or plain torch GEMM for a
+    weight of this shape, timed once per shape on this machine (or PAGEDSERVE_SMALL_GEMM_ROWS)."""
+    forced = os.environ.get("PAGEDSERVE_SMALL_GEMM_ROWS")
+    if forced is not None:
+        return max(0, min(int(forced), SMALL_ROWS[1]))
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    own = cpu_linear.pack(weight)
+    packed = packed_weight(weight)
+
+    def own_is_faster(rows: int) -> bool:
+        x = torch.randn(rows, in_features, generator=gen)
+        theirs = median_time(lambda: linear(x, weight, None, packed))
+        ours = median_time(lambda: cpu_linear.linear(x, own, None, out_features))
+        return ours <= theirs
+
+    return row_limit(own_is_faster)
+
+
 def _small_copy(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """cpu_linear's copy of `weight`, checked against F.linear at a few row counts."""
     small = cpu_linear.pack(weight)
@@ -78,7 +131,7 @@ def _small_copy(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor
 def packed_weight(weight: torch.Tensor, bias: torch.Tensor | None = None,
                   small: bool = False) -> PackedWeight | None:
     """A prepacked copy of an fp32 CPU weight [out, in], checked against F.linear; None where
-    this torch build has no packer that agrees. `small`: also the copy for SMALL_ROWS rows,
+    this torch build has no packer that agrees. `small`: also the copy for the small rows,
     where the compiled kernel is available."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return None
@@ -90,8 +143,12 @@ def packed_weight(weight: torch.Tensor, bias: torch.Tensor | None = None,
         try:
             packed = PackedWeight(kind, pack())
             if _agrees(packed, weight, bias):
-                if small and cpu_linear.available():
-                    packed = PackedWeight(kind, packed.tensor, _small_copy(weight, bias))
+                limit = (own_rows_limit(weight.shape[1], weight.shape[0])
+                         if small and cpu_linear.available() else 0)
+                if limit:
+                    copy = _small_copy(weight, bias)
+                    packed = PackedWeight(kind, packed.tensor, copy,
+                                          limit if copy is not None else 0)
                 return packed
         except (AttributeError, RuntimeError) as e:  # no such op in this build
             logger.debug("no %s packed linear in this torch: %s", kind, e)
@@ -105,8 +162,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """F.linear over a [rows, in] input, from `packed` when it is set and rows are many enough."""
     if packed is not None and x.dim() == 2:
         rows = x.shape[0]
-        if (packed.small is not None and SMALL_ROWS[0] <= rows <= SMALL_ROWS[1]
-                and x.stride(1) == 1):
+        if packed.small is not None and rows <= packed.small_max_rows and x.stride(1) == 1:
             return cpu_linear.linear(x, packed.small, bias, weight.shape[0])
         if rows >= PACKED_MIN_ROWS:
             return _run_packed(x, weight, bias, packed)

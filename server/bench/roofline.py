@@ -1,6 +1,8 @@
 """`pagedserve bench roofline`: what this machine allows a model's workload at best, on CPU.
 
-Measures, with torch on the CPU:
+Measures, on the CPU:
+* the fp32 FMA peak: chains of vector FMAs on registers on every thread (kernels/cpu_peak.py),
+  the machine's FLOP ceiling, whatever a library reaches;
 * memory read bandwidth: `x.sum()` over a tensor far larger than the caches (GB/s);
 * matrix-multiply rate at large square sizes (n x n @ n x n) and at the model's own GEMM
   shapes for a batch of M tokens — per layer qkv (H -> q+2kv), o_proj (q -> H), gate_up
@@ -22,9 +24,10 @@ Counts, from config.json (P_layers = matmul weights of all decoder layers, P_hea
 Ceilings:
 * decode tok/s at concurrency 1 = bandwidth / weight bytes per step (KV-cache reads are printed
   but left out, as are compute and overheads);
-* output tok/s at large concurrency = matmul rate / (FLOPs per output token
-  + FLOPs per prompt token x in / out), at the best rate measured anywhere and at the best
-  rate of the model's own GEMMs (over the M measured).
+* output tok/s at large concurrency = FLOP rate / (FLOPs per output token
+  + FLOPs per prompt token x in / out), at the FMA peak (the best GEMM where the FMA loop
+  cannot be built), at the best GEMM measured anywhere, and at the best rate of the model's
+  own GEMMs (over the M measured).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import cpu_peak
 from server.bench.args import parse_ints
 from server.config import DTYPES
 from server.models.arch_config import ArchConfig
@@ -319,6 +323,9 @@ def main(args) -> int:
           f"{result['load_average_after']:.2f} after (other work skews the figures)")
     print(f"memory read bandwidth (sum of {args.bandwidth_mib} MiB): "
           f"{result['bandwidth_gb_per_s']:.2f} GB/s")
+    fma = result["ceilings"]["fma_peak_gflops_per_s"]
+    print(f"fp32 FMA peak (vector FMA loop, {result['threads']} threads): "
+          + (f"{fma:.1f} GFLOP/s" if fma else "not measured (no C++ compiler)"))
     print("square matmuls: " + ", ".join(f"n={n}: {v:.1f} GFLOP/s"
                                          for n, v in result["square_gflops_per_s"].items()))
     print(format_gemm_table([GemmRow(**r) for r in result["gemms"]],
@@ -338,11 +345,12 @@ def _measure(arch: ArchConfig, counts: Counts, dtype: torch.dtype, args) -> dict
     weights = make_weights(gemms, dtype)
     # Rounds spread each figure's samples over time, so a burst of other work on the machine
     # spoils one round's sample, not the figure; every figure keeps its best round.
-    bandwidth, squares = 0.0, dict.fromkeys(args.square_sizes, 0.0)
+    bandwidth, squares, fma = 0.0, dict.fromkeys(args.square_sizes, 0.0), 0.0
     calls: dict[int, dict[str, list[float]] | None] = dict.fromkeys(args.batch_tokens)
     for _ in range(args.rounds):
         bandwidth = max(bandwidth, measure_bandwidth(args.bandwidth_mib << 20, iters, warmup,
                                                      min_s))
+        fma = max(fma, cpu_peak.fma_peak_flops(max(min_s, 0.02)) or 0.0)
         for n in squares:
             squares[n] = max(squares[n], measure_square(n, dtype, iters, warmup, min_s) / _GB)
         for m in calls:
@@ -351,7 +359,8 @@ def _measure(arch: ArchConfig, counts: Counts, dtype: torch.dtype, args) -> dict
     del weights
     rows = [gemm_row(gemms, m, c, counts.bytes_per_param) for m, c in calls.items()]
     best_row = max(rows, key=lambda r: r.all_gflops_per_s)
-    peak = max([*squares.values(), *(r.all_gflops_per_s for r in rows)])
+    best_gemm = max([*squares.values(), *(r.all_gflops_per_s for r in rows)])
+    peak = fma / _GB or best_gemm
     one = next((r for r in rows if r.num_tokens == 1), None)
     ceilings = {
         "decode_tok_s_concurrency_1": decode_ceiling(counts, bandwidth),
@@ -361,6 +370,10 @@ def _measure(arch: ArchConfig, counts: Counts, dtype: torch.dtype, args) -> dict
         "output_tok_s_large_concurrency_at_model_gemms": throughput_ceiling(
             counts, best_row.all_gflops_per_s * _GB, args.input_len, args.output_len),
         "peak_gflops_per_s": peak,
+        "fma_peak_gflops_per_s": fma / _GB or None,
+        "best_gemm_gflops_per_s": best_gemm,
+        "output_tok_s_large_concurrency_at_best_gemm": throughput_ceiling(
+            counts, best_gemm * _GB, args.input_len, args.output_len),
         "model_gemm_tokens": best_row.num_tokens,
         "model_gemm_gflops_per_s": best_row.all_gflops_per_s,
         "bandwidth_gb_per_s": bandwidth / _GB,
@@ -388,9 +401,12 @@ def format_ceilings(c: dict, input_len: int, output_len: int) -> str:
         lines.append(f"    (one M=1 pass of the model's GEMMs: "
                      f"{c['decode_tok_s_concurrency_1_from_m1_gemms']:.1f} tok/s)")
     lines += [
-        f"  output at large concurrency: {c['peak_gflops_per_s']:.1f} GFLOP/s (best measured) / "
+        f"  output at large concurrency: {c['peak_gflops_per_s']:.1f} GFLOP/s "
+        f"({'FMA peak' if c['fma_peak_gflops_per_s'] else 'best GEMM measured'}) / "
         f"(FLOPs per output token + FLOPs per prompt token x {input_len}/{output_len}) = "
         f"{c['output_tok_s_large_concurrency']:.1f} tok/s",
+        f"    (at the best GEMM measured, {c['best_gemm_gflops_per_s']:.1f} GFLOP/s: "
+        f"{c['output_tok_s_large_concurrency_at_best_gemm']:.1f} tok/s)",
         f"    (at the model's GEMMs, best at M={c['model_gemm_tokens']}: "
         f"{c['model_gemm_gflops_per_s']:.1f} GFLOP/s -> "
         f"{c['output_tok_s_large_concurrency_at_model_gemms']:.1f} tok/s)",

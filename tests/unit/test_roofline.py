@@ -188,11 +188,17 @@ def test_main_on_a_tiny_model(tmp_path: Path, capsys):
     assert result["bandwidth_gb_per_s"] > 0
     assert ceilings["decode_tok_s_concurrency_1"] == pytest.approx(
         result["bandwidth_gb_per_s"] * 1e9 / counts["weight_bytes_per_step"])
-    peak = max([*result["square_gflops_per_s"].values(),
-                *(r["all_gflops_per_s"] for r in result["gemms"])])
+    best_gemm = max([*result["square_gflops_per_s"].values(),
+                     *(r["all_gflops_per_s"] for r in result["gemms"])])
+    assert ceilings["best_gemm_gflops_per_s"] == pytest.approx(best_gemm)
+    # The FLOP ceiling is the FMA loop's where it builds, else the best GEMM's.
+    peak = ceilings["fma_peak_gflops_per_s"] or best_gemm
     assert ceilings["peak_gflops_per_s"] == pytest.approx(peak)
+    assert "fp32 FMA peak" in printed
     per_output = counts["flops_per_output_token"] + counts["flops_per_prompt_token"] * 16 / 8
     assert ceilings["output_tok_s_large_concurrency"] == pytest.approx(peak * 1e9 / per_output)
+    assert ceilings["output_tok_s_large_concurrency_at_best_gemm"] == pytest.approx(
+        best_gemm * 1e9 / per_output)
     best_row = max(result["gemms"], key=lambda r: r["all_gflops_per_s"])
     assert ceilings["model_gemm_tokens"] == best_row["num_tokens"]
     assert ceilings["output_tok_s_large_concurrency_at_model_gemms"] == pytest.approx(

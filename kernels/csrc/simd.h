@@ -14,6 +14,21 @@ inline v16 load16(const float* p) {
   return v;
 }
 
+// The widest vector the build's registers hold: what hot loops keep in registers.
+#if defined(__AVX512F__)
+typedef v16 vec;
+constexpr int kLanes = 16;
+#else
+typedef float vec __attribute__((vector_size(32)));  // AVX2: 8 floats
+constexpr int kLanes = 8;
+#endif
+
+inline vec load_vec(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
 // exp(x), Cephes expf (2^n times a degree-6 polynomial on [-ln2/2, ln2/2], ~1 ulp) with x
 // clamped to [-87, 88] (below: exp(-87) ~ 1.6e-38). Written so that `omp simd` loops vectorise
 // it.

@@ -18,8 +18,8 @@ second copy of every linear weight in memory, hence the runner's budget
 With the compiled CPU kernels (`small=True`), a third copy in kernels/cpu_linear.py's layout
 serves the row counts where it is faster than the path above, measured on this machine for each
 weight shape (`own_rows_limit`): on 2 Sapphire Rapids cores over SmolLM2-135M it took 0.95x
-MKL's time at 1 row, 0.69-0.80x at 4-16, 0.88x at 32 and 1.03x at 64; on 2 Zen 2 cores (AVX2,
-16 vector registers) 1.0-1.4x at 1 row and 1.6-4x from 8 rows, so there MKL keeps them.
+MKL's time at 1 row, 0.69-0.80x at 4-16, 0.88x at 32 and 1.03x at 64; on 2 Zen 2 cores (AVX2)
+0.4-0.7x at 1-64 rows.
 PAGEDSERVE_SMALL_GEMM_ROWS=R skips the measurement and serves 1-R rows from the copy (0: none).
 """
 
@@ -94,23 +94,36 @@ def median_time(fn: Callable[[], object], repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+_STREAM_BYTES = 32 << 20  # weights timed per shape: more than the caches hold, as in a forward
+
+
 @functools.cache
 def own_rows_limit(in_features: int, out_features: int) -> int:
     """Up to how many rows the cpu_linear copy beats the packed or plain torch GEMM for a
-    weight of this shape, timed once per shape on this machine (or PAGEDSERVE_SMALL_GEMM_ROWS)."""
+    weight of this shape, timed once per shape on this machine (or PAGEDSERVE_SMALL_GEMM_ROWS).
+    The calls cycle through copies of the weight that together outgrow the caches, so the
+    weights stream from memory as a decode step's do."""
     forced = os.environ.get("PAGEDSERVE_SMALL_GEMM_ROWS")
     if forced is not None:
         return max(0, min(int(forced), SMALL_ROWS[1]))
     gen = torch.Generator().manual_seed(2)
-    weight = torch.randn(out_features, in_features, generator=gen)
-    own = cpu_linear.pack(weight)
-    packed = packed_weight(weight)
+    copies = max(1, min(16, _STREAM_BYTES // (4 * in_features * out_features)))
+    weights = [torch.randn(out_features, in_features, generator=gen) for _ in range(copies)]
+    own = [cpu_linear.pack(w) for w in weights]
+    packed = [packed_weight(w) for w in weights]
 
     def own_is_faster(rows: int) -> bool:
         x = torch.randn(rows, in_features, generator=gen)
-        theirs = median_time(lambda: linear(x, weight, None, packed))
-        ours = median_time(lambda: cpu_linear.linear(x, own, None, out_features))
-        return ours <= theirs
+        turn = iter(range(1 << 30))
+
+        def theirs() -> None:
+            i = next(turn) % copies
+            linear(x, weights[i], None, packed[i])
+
+        def ours() -> None:
+            cpu_linear.linear(x, own[next(turn) % copies], None, out_features)
+
+        return median_time(ours, 2 * copies) <= median_time(theirs, 2 * copies)
 
     return row_limit(own_is_faster)
 

@@ -79,8 +79,8 @@ class EngineCore:
         if spec is None or self.grammars.get(spec) is not None:
             self.scheduler.add_request(request)
         else:
-            build_grammar(spec)  # a constraint that cannot be built fails here, synchronously
-            self._compiling[request_id] = (request, self.grammars.compile_async(spec))
+            grammar = build_grammar(spec)  # a constraint that cannot be built fails here
+            self._compiling[request_id] = (request, self.grammars.compile_async(spec, grammar))
 
     def abort_request(self, request_id: str) -> None:
         if self._compiling.pop(request_id, None) is None:

@@ -39,9 +39,11 @@ class GrammarCache:
                 self._compiled.move_to_end(spec)
             return compiled
 
-    def compile_async(self, spec: StructuredOutputsParams) -> Future[xgr.CompiledGrammar]:
+    def compile_async(self, spec: StructuredOutputsParams,
+                      grammar: xgr.Grammar | None = None) -> Future[xgr.CompiledGrammar]:
         """The compiled grammar, now (a cache hit) or once the worker thread has built it; a
-        constraint already being compiled is compiled once."""
+        constraint already being compiled is compiled once. `grammar`: the constraint's
+        `build_grammar`, when the caller has it already."""
         with self._lock:
             future = self._pending.get(spec)
             if future is not None:
@@ -54,7 +56,7 @@ class GrammarCache:
             self._pending[spec] = future
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
-        self._executor.submit(self._run, spec, future)
+        self._executor.submit(self._run, spec, future, grammar)
         return future
 
     def compile(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
@@ -69,9 +71,10 @@ class GrammarCache:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _run(self, spec: StructuredOutputsParams, future: Future) -> None:
+    def _run(self, spec: StructuredOutputsParams, future: Future,
+             grammar: xgr.Grammar | None) -> None:
         try:
-            compiled = self._store(spec, self._build(spec))
+            compiled = self._store(spec, self._build(spec, grammar))
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
             with self._lock:
                 self._pending.pop(spec, None)
@@ -81,9 +84,9 @@ class GrammarCache:
             self._pending.pop(spec, None)
         future.set_result(compiled)
 
-    def _build(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
-        grammar = build_grammar(spec)
-        return self._get_compiler().compile_grammar(grammar)
+    def _build(self, spec: StructuredOutputsParams,
+               grammar: xgr.Grammar | None = None) -> xgr.CompiledGrammar:
+        return self._get_compiler().compile_grammar(grammar or build_grammar(spec))
 
     def _store(self, spec: StructuredOutputsParams,
                compiled: xgr.CompiledGrammar) -> xgr.CompiledGrammar:

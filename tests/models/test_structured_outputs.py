@@ -138,11 +138,11 @@ def test_the_engine_steps_others_while_a_grammar_compiles(model_dirs):
     release = threading.Event()
     build = engine.grammars._build
 
-    def held(spec):
+    def held(spec, grammar=None):
         release.wait(60)
         if spec.regex == "never":
             raise ValueError("the worker refused it")
-        return build(spec)
+        return build(spec, grammar)
 
     engine.grammars._build = held
     engine.add_request("held", [5, 6, 7], constrained("regex"))

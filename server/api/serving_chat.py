@@ -21,6 +21,7 @@ from server.api.serving_common import (
     new_id,
     sampling_params_for,
     sse,
+    top_entries,
     until_disconnected,
     usage,
     vllm_prompt_logprobs,
@@ -103,8 +104,8 @@ def _logprobs(ctx: ServingContext, samples: list[SampleResult], num_top: int) ->
     content = []
     for sample in samples:
         entry = _token_entry(ctx, sample.token_id, sample.logprob)
-        tops = sorted((sample.top_logprobs or {}).items(), key=lambda kv: -kv[1])[:num_top]
-        entry["top_logprobs"] = [_token_entry(ctx, t, lp) for t, lp in tops]
+        entry["top_logprobs"] = [_token_entry(ctx, t, lp)
+                                 for t, lp in top_entries(sample, num_top)]
         content.append(entry)
     return {"content": content}
 

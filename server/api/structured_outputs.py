@@ -20,6 +20,11 @@ from server.sampling_params import StructuredOutputsParams as Spec
 from server.structured.grammar import build_grammar
 
 
+def canonical_json(value: Any) -> str:
+    """JSON text that is the same however the client ordered or spaced it: one cache key."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _schema_text(value: JsonSchema, param: str) -> str:
     """The schema as canonical JSON text: one cache entry however the client spelled it."""
     schema: Any = value
@@ -30,7 +35,7 @@ def _schema_text(value: JsonSchema, param: str) -> str:
             raise bad_request(f"{param} is not valid JSON: {e}", param=param) from None
     if not isinstance(schema, dict):
         raise bad_request(f"{param} must be a JSON schema object", param=param)
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return canonical_json(schema)
 
 
 def _from_vllm(body: StructuredOutputsBody) -> tuple[str, Spec]:

@@ -11,7 +11,6 @@ and the reading of its output:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ import xgrammar as xgr
 
 from server.api.errors import bad_request
 from server.api.protocol import ChatCompletionRequest, NamedToolChoice
+from server.api.structured_outputs import canonical_json
 from server.api.tools.extract import (
     NamedExtractor,
     ParserExtractor,
@@ -68,10 +68,6 @@ def _schema(parameters: dict[str, Any] | None) -> dict[str, Any]:
     return parameters if parameters is not None else _NO_ARGUMENTS
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 def plan_tools(body: ChatCompletionRequest, parser_name: str | None) -> ToolPlan:
     """`parser_name`: the server's tool-call parser (None: it has none)."""
     tools = body.tools or []
@@ -106,20 +102,19 @@ def plan_tools(body: ChatCompletionRequest, parser_name: str | None) -> ToolPlan
     if mode == "auto":
         if parser is None:  # checked after rendering (`check`): a template without tools says more
             return ToolPlan(mode, defs, parallel=body.parallel_tool_calls)
-        strict = [n for t, n in zip(tools, names) if t.function.strict]
-        if strict:
+        if any(t.function.strict for t in tools):
             raise bad_request(f"strict tools with tool_choice 'auto' are enforced only in the "
                               f"hermes and llama3_json formats, not {parser.name}",
                               param="tools", code="unsupported_parameter")
         return ToolPlan(mode, defs, None, parser, None, body.parallel_tool_calls)
     if mode == "named":
         schema = _schema(tools[names.index(named)].function.parameters)
-        return ToolPlan(mode, defs, StructuredOutputsParams(json=_canonical(schema)),
+        return ToolPlan(mode, defs, StructuredOutputsParams(json=canonical_json(schema)),
                         None, named, body.parallel_tool_calls)
     items = {"anyOf": [{"type": "object", "properties": {
         "name": {"enum": [d["function"]["name"]]}, "parameters": d["function"]["parameters"]},
         "required": ["name", "parameters"], "additionalProperties": False} for d in defs]}
     schema = {"type": "array", "items": items, "minItems": 1,
               **({} if body.parallel_tool_calls else {"maxItems": 1})}
-    return ToolPlan(mode, defs, StructuredOutputsParams(json=_canonical(schema)), None, None,
+    return ToolPlan(mode, defs, StructuredOutputsParams(json=canonical_json(schema)), None, None,
                     body.parallel_tool_calls)

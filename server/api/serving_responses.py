@@ -219,10 +219,13 @@ def _item_id(prefix: str) -> str:
     return new_id(prefix).replace("-", "_")  # OpenAI's ids: resp_..., msg_...
 
 
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
 def _message_item(item_id: str, text: str, status: str) -> dict:
-    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": content if status != "in_progress" else []}
+            "content": [_text_part(text)] if status != "in_progress" else []}
 
 
 def _call_item(call_id: str, name: str, arguments: str, status: str) -> dict:
@@ -258,8 +261,7 @@ class _EventWriter:
                                                  "in_progress")))
             out.append(self.r._event("response.content_part.added", item_id=self.open["id"],
                                      output_index=len(self.r.items) - 1, content_index=0,
-                                     part={"type": "output_text", "text": "",
-                                           "annotations": [], "logprobs": []}))
+                                     part=_text_part("")))
         assert self.open is not None
         self.buffer += delta
         out.append(self.r._event("response.output_text.delta", item_id=self.open["id"],
@@ -288,12 +290,12 @@ class _EventWriter:
         self.open = None
         out = []
         if item["type"] == "message":
-            part = {"type": "output_text", "text": self.buffer, "annotations": [], "logprobs": []}
             out.append(self.r._event("response.output_text.done", item_id=item["id"],
                                      output_index=index, content_index=0, text=self.buffer,
                                      logprobs=[]))
             out.append(self.r._event("response.content_part.done", item_id=item["id"],
-                                     output_index=index, content_index=0, part=part))
+                                     output_index=index, content_index=0,
+                                     part=_text_part(self.buffer)))
             item.update(_message_item(item["id"], self.buffer, self.r.status()))
         else:
             out.append(self.r._event("response.function_call_arguments.done",

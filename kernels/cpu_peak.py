@@ -17,7 +17,8 @@ _SIGNATURES = {"pagedserve_fma_peak_f32": ([I64, I32, PTR], ctypes.c_double)}
 
 def fma_peak_flops(seconds: float = 0.2, threads: int | None = None) -> float | None:
     """FLOP/s of the FMA loop on `threads` threads (torch's count by default), the best of three
-    runs of about `seconds` each; None where the kernel cannot be built."""
+    runs of between a quarter of `seconds` and `seconds` each; None where the kernel cannot be
+    built."""
     lib = native.load(_NAME, _SIGNATURES)
     if lib is None:
         return None

@@ -25,6 +25,11 @@ def available() -> bool:
     return _library() is not None
 
 
+def supports(dtype: torch.dtype) -> bool:
+    """Whether the kernel takes weights and activations of this dtype."""
+    return dtype == torch.float32
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] fp32 -> [ceil(out / 16), in, 16], the columns past `out` zero."""
     out_features, in_features = weight.shape

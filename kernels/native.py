@@ -44,7 +44,7 @@ def cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"pagedserve-kernels-{os.getuid()}"
 
 
-def _cpu_signature() -> str:
+def cpu_signature() -> str:
     """-march=native builds for this CPU: a library built on another one must not be reused."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -65,7 +65,7 @@ def library_path(name: str, compiler: str) -> Path:
     headers = [h.read_bytes() for h in sorted(SOURCE_DIR.glob("*.h"))]  # what it may include
     key = hashlib.sha256(b"\0".join([source, *headers, " ".join(FLAGS).encode(),
                                      _compiler_version(compiler).encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
+                                     cpu_signature().encode()])).hexdigest()[:16]
     return cache_dir() / f"{name}-{key}.so"
 
 
@@ -91,6 +91,17 @@ def build(name: str, compiler: str) -> Path:
     return path
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def build_key(name: str) -> str:
+    """What identifies kernels/csrc/NAME.cpp's build on this machine (source, headers, flags,
+    compiler, CPU): its library's file name, without building it."""
+    compiler = _compiler()
+    return library_path(name, compiler).stem if compiler else f"{name}-no-compiler"
+
+
 # Argument types of the exported functions: pointers (data_ptr()), int64, int, float.
 PTR, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 Signatures = Mapping[str, tuple[list, type | None]]  # function -> (argtypes, restype)
@@ -105,7 +116,7 @@ def load(name: str, signatures: Signatures | None = None) -> ctypes.CDLL | None:
         if name in _loaded:
             return _loaded[name]
         lib = None
-        compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+        compiler = _compiler()
         try:
             if compiler is None:
                 raise RuntimeError("no C++ compiler found (set CXX, or install g++)")

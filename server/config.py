@@ -16,6 +16,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 ENGINE_MODES = ("thread", "process")
 TOOL_CALL_PARSERS = ("auto", "none", "hermes", "llama3_json", "mistral")
+CPU_GEMMS = ("auto", "own", "onednn", "mkl", "torch")  # server/models/layers/gemm_choice.py
 QUANTIZATIONS = ("none",)  # server/models/layers/linear.py's QUANTIZATION_METHODS
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -40,10 +41,13 @@ class ModelConfig:
     compiled_decode: bool = True
     # The linear layers' weight format (a LinearMethod); "none": the checkpoint's own dtype.
     quantization: str = "none"
+    # Which CPU GEMM runs each row count: "auto" measures them on this machine; a kind forces it.
+    cpu_gemm: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("quantization", self.quantization, QUANTIZATIONS)
+        _check_choice("cpu_gemm", self.cpu_gemm, CPU_GEMMS)
         _check_choice("device", self.device, DEVICES)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.max_model_len is not None and self.max_model_len < 1:

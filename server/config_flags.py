@@ -8,6 +8,7 @@ import dataclasses
 
 from server.config import (
     ATTENTION_BACKENDS,
+    CPU_GEMMS,
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEVICES,
     DTYPES,
@@ -19,6 +20,7 @@ from server.config import (
 
 # The config fields `add_engine_flags` makes flags of (each flag's dest is the field's name).
 ENGINE_FLAG_FIELDS = ("dtype", "device", "attention_backend", "compiled_decode", "quantization",
+                      "cpu_gemm",
                       "max_model_len", "block_size", "kv_cache_memory", "num_blocks",
                       "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens",
                       "long_prefill_token_threshold")
@@ -62,6 +64,12 @@ def add_engine_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
     parser.add_argument("--quantization", default=default_of(ModelConfig, "quantization"),
                         choices=QUANTIZATIONS,
                         help="weight format of the linear layers (none: the checkpoint's)")
+    parser.add_argument("--cpu-gemm", default=default_of(ModelConfig, "cpu_gemm"),
+                        choices=CPU_GEMMS,
+                        help="GEMM of the linear layers on CPU: auto times the compiled "
+                             "tiles (own), oneDNN, MKL and plain torch per weight shape and "
+                             "row count on this machine at start-up (cached per CPU) and "
+                             "takes the fastest; a name forces it")
     parser.add_argument("--max-model-len", type=int,
                         default=default_of(ModelConfig, "max_model_len"),
                         help="context length cap (default: the model's)")

@@ -7,7 +7,7 @@ from pathlib import Path
 # Make `tests.model_factory` importable without installing the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# Which GEMM serves a row count is measured at start-up (packed_gemm.own_rows_limit): the tests
+# Which GEMM serves a row count is measured at start-up (packed_gemm.gemm_table): the tests
 # fix it, so the kernels they exercise do not depend on how fast this machine is. Servers the
 # tests start inherit it. test_cpu_speedups.py tests the measurement with its own timings.
 os.environ.setdefault("PAGEDSERVE_SMALL_GEMM_ROWS", "64")

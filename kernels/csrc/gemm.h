@@ -98,46 +98,53 @@ inline void rows_tile(int rows, const float* x, int64_t ldx, const float* w, int
   }
 }
 
-}  // namespace gemm_detail
-
-// out[rows, n] = x[rows, k] . W^T (+ bias), W packed [ceil(n / 16)][k][16]. Called by every
-// thread of the enclosing parallel region (or outside one: a team of one); each takes its
-// share of the column groups, and all meet at a barrier at the end, so it runs inside a larger
-// region as well as alone.
-inline void gemm_packed_for(const float* x, int64_t ldx, const float* packed, const float* bias,
-                            float* out, int64_t ldo, int64_t rows, int n, int k) {
-  using gemm_detail::kBlocksPerTile;
-  using gemm_detail::kRowsPerPass;
+// The shared driver: every thread of the enclosing parallel region (or a team of one) takes a
+// contiguous run of kBlocksPerTile-block groups and runs `rows_tile(blocks, r, x, w, out, n0,
+// next)` over it, kRowsPerPass rows at a time, prefetching the next group's blocks (one per
+// pass; more at once measured slower: the prefetches then compete with the pass's own loads).
+// All meet at a barrier at the end, so it runs inside a larger region as well as alone.
+// block_stride: elements of T per packed 16-column block.
+template <typename T, typename RowsTile>
+inline void gemm_groups_for(const T* x, int64_t ldx, const T* packed, T* out, int64_t ldo,
+                            int64_t rows, int n, int64_t block_stride, RowsTile rows_tile) {
   const int num_blocks = (n + 15) / 16;
   const int groups = (num_blocks + kBlocksPerTile - 1) / kBlocksPerTile;
   const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
   const int g_lo = static_cast<int>(static_cast<int64_t>(groups) * thread / threads);
   const int g_hi = static_cast<int>(static_cast<int64_t>(groups) * (thread + 1) / threads);
-  const int64_t block_stride = static_cast<int64_t>(k) * 16;
   const int passes = static_cast<int>((rows + kRowsPerPass - 1) / kRowsPerPass);
   for (int g = g_lo; g < g_hi; ++g) {
     const int b0 = g * kBlocksPerTile;
     const int blocks = num_blocks - b0 < kBlocksPerTile ? num_blocks - b0 : kBlocksPerTile;
-    const float* w = packed + b0 * block_stride;
+    const T* w = packed + b0 * block_stride;
     for (int pass = 0; pass < passes; ++pass) {
-      // The next group's blocks, one per pass (more at once measured slower: the prefetches
-      // then compete with the pass's own loads).
-      const float* next = g + 1 < g_hi && pass < kBlocksPerTile
-                                  && b0 + kBlocksPerTile + pass < num_blocks
-                              ? w + (kBlocksPerTile + pass) * block_stride : nullptr;
+      const T* next = g + 1 < g_hi && pass < kBlocksPerTile
+                              && b0 + kBlocksPerTile + pass < num_blocks
+                          ? w + (kBlocksPerTile + pass) * block_stride : nullptr;
       const int64_t m0 = static_cast<int64_t>(pass) * kRowsPerPass;
       const int r = rows - m0 < kRowsPerPass ? static_cast<int>(rows - m0) : kRowsPerPass;
-      const float* xm = x + m0 * ldx;
-      float* om = out + m0 * ldo;
-      const int n0 = b0 * 16;
-      switch (blocks) {
-        case 3: gemm_detail::rows_tile<3>(r, xm, ldx, w, k, om, ldo, n0, n, bias, next); break;
-        case 2: gemm_detail::rows_tile<2>(r, xm, ldx, w, k, om, ldo, n0, n, bias, next); break;
-        default: gemm_detail::rows_tile<1>(r, xm, ldx, w, k, om, ldo, n0, n, bias, next); break;
-      }
+      rows_tile(blocks, r, x + m0 * ldx, w, out + m0 * ldo, b0 * 16, next);
     }
   }
 #pragma omp barrier
+}
+
+}  // namespace gemm_detail
+
+// out[rows, n] = x[rows, k] . W^T (+ bias), W packed [ceil(n / 16)][k][16]. Called by every
+// thread of the enclosing parallel region (or outside one: a team of one).
+inline void gemm_packed_for(const float* x, int64_t ldx, const float* packed, const float* bias,
+                            float* out, int64_t ldo, int64_t rows, int n, int k) {
+  gemm_detail::gemm_groups_for(
+      x, ldx, packed, out, ldo, rows, n, static_cast<int64_t>(k) * 16,
+      [=](int blocks, int r, const float* xm, const float* w, float* om, int n0,
+          const float* next) {
+        switch (blocks) {
+          case 3: gemm_detail::rows_tile<3>(r, xm, ldx, w, k, om, ldo, n0, n, bias, next); break;
+          case 2: gemm_detail::rows_tile<2>(r, xm, ldx, w, k, om, ldo, n0, n, bias, next); break;
+          default: gemm_detail::rows_tile<1>(r, xm, ldx, w, k, om, ldo, n0, n, bias, next);
+        }
+      });
 }
 
 }  // namespace pagedserve

@@ -20,7 +20,7 @@ from server.config import ModelConfig
 from server.model_runner.cpu import KernelChoice, compiled_decode_step
 from server.models.base import ModelOptions
 from server.models.layers.linear import pack_linear_weights
-from server.models.layers.packed_gemm import median_time
+from server.models.layers.packed_gemm import GemmPolicy, median_time
 from server.models.loader import load_model
 from server.models.registry import read_arch_config
 
@@ -35,7 +35,7 @@ def measure(model_dir: Path, batch_size: int, context: int, block_size: int = 16
     options = ModelOptions(max_position=max(context, arch.max_position_embeddings),
                            kernel_backend="cpu")
     model = load_model(model_dir, arch, options, torch.device("cpu"))
-    pack_linear_weights(model, small=True)
+    pack_linear_weights(model, policy=GemmPolicy(own=True))
     gen = torch.Generator().manual_seed(seed)
     width = -(-context // block_size)
     num_blocks = batch_size * width

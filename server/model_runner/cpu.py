@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import cpu_attention, cpu_decoder, cpu_fused, cpu_linear
+from kernels import cpu_attention, cpu_decoder, cpu_fused
 from server.config import ModelConfig
 from server.models.attention_metadata import AttentionMetadata
 from server.models.base import CausalLM, DecoderExport, KVCache
 from server.models.layers.linear import Linear, pack_linear_weights
-from server.models.layers.packed_gemm import PackedWeight
+from server.models.layers.packed_gemm import GemmPolicy, PackedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +45,19 @@ def choose_kernels(config: ModelConfig, device: torch.device, dtype: torch.dtype
     return KernelChoice(attention, "cpu" if fused else "torch", native)
 
 
-def pack_for_cpu(model: CausalLM, choice: KernelChoice, budget_bytes: int | None) -> str:
-    """Make the packed GEMM copies (and the small-row ones where the compiled kernels run and
-    measured faster); returns what was packed, for the start-up log."""
-    count = pack_linear_weights(model, budget_bytes,
-                                small=choice.native and cpu_linear.available())
-    limits: dict[str, int] = {}
+def pack_for_cpu(model: CausalLM, choice: KernelChoice, config: ModelConfig, max_rows: int,
+                 budget_bytes: int | None) -> str:
+    """Make the GEMM copies each weight's measured (or forced) table uses; returns the tables,
+    for the start-up log."""
+    policy = GemmPolicy(forced=config.cpu_gemm, own=choice.native, max_rows=max_rows)
+    count = pack_linear_weights(model, budget_bytes, policy)
+    tables: dict[str, str] = {}
     for m in model.modules():
-        if isinstance(m, Linear) and m.packed is not None:
-            limits[f"{m.weight.shape[1]}x{m.weight.shape[0]}"] = m.packed.small_max_rows
-    served = ", ".join(f"{shape}: 1-{rows}" if rows else f"{shape}: none"
-                       for shape, rows in limits.items())
-    return f"{count} packed (rows the compiled GEMM serves, in x out: {served or 'none'})"
+        packed = getattr(m, "packed", None)  # Linear's, and a tied LMHead's
+        if isinstance(packed, PackedWeight):
+            tables[f"{packed.shape[1]}x{packed.shape[0]}"] = packed.table.describe()
+    served = "; ".join(f"{shape}: {table}" for shape, table in tables.items())
+    return f"{count} packed (GEMM per row count, in x out: {served or 'F.linear everywhere'})"
 
 
 def _not_compiled_because(model: CausalLM, export: DecoderExport | None) -> str | None:
@@ -67,10 +68,10 @@ def _not_compiled_because(model: CausalLM, export: DecoderExport | None) -> str 
     weight = export.embed_tokens.weight
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
         return "it computes in fp32 on CPU only"
-    if any(m.packed is None or m.packed.small is None
+    if any(m.packed is None or m.packed.own_rows == 0
            for layer in export.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)):
-        return ("not every projection has its small-row GEMM copy (where the compiled GEMM "
-                "measured slower than torch's, it has none; PAGEDSERVE_SMALL_GEMM_ROWS overrides)")
+        return ("not every projection runs 1 row on the compiled GEMM (where it measured "
+                "slower than the others, it does not; --cpu-gemm own forces it)")
     if not cpu_decoder.available():
         return "kernels.cpu_decoder did not build"
     return None
@@ -84,7 +85,7 @@ class CompiledDecodeStep:
         self.export = export
         # As many rows as every projection's compiled GEMM measured faster at.
         self.max_rows = min([COMPILED_DECODE_ROWS] + [
-            _packed(m).small_max_rows for layer in export.layers
+            _packed(m).own_rows for layer in export.layers
             for m in (layer.qkv, layer.o, layer.gate_up, layer.down)])
         layers = []
         for layer, (key_cache, value_cache) in zip(export.layers, kv_caches, strict=True):
@@ -138,9 +139,9 @@ def _packed(module: Linear) -> PackedWeight:
 
 
 def _small_copy(module: Linear) -> torch.Tensor:
-    small = _packed(module).small
-    assert small is not None
-    return small
+    own = _packed(module).own
+    assert own is not None
+    return own
 
 
 def _bias(module: Linear) -> torch.Tensor | None:

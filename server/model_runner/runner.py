@@ -99,8 +99,10 @@ class ModelRunner:
         if self.device.type == "cpu":
             # The packed copies may take at most half of the memory still available.
             budget = _available_memory_bytes()
-            packed = pack_for_cpu(self.model, self.kernels, None if budget is None
-                                  else budget // 2)
+            step_rows = config.scheduler.for_device("cpu").max_num_batched_tokens
+            assert step_rows is not None
+            packed = pack_for_cpu(self.model, self.kernels, config.model, step_rows,
+                                  None if budget is None else budget // 2)
         self.num_blocks = self._num_blocks()
         shape = (self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),

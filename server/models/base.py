@@ -32,6 +32,7 @@ from server.models.attention_metadata import AttentionMetadata
 from server.models.errors import ModelLoadError
 from server.models.layers.embedding import VocabEmbedding
 from server.models.layers.linear import Linear, LinearMethod, UnquantizedLinearMethod
+from server.models.layers.packed_gemm import GemmPolicy
 from server.models.layers.rotary import RotaryEmbedding
 from server.models.layers.weights import ShapeMismatch, shard_ids_of, weight_loader_of
 
@@ -98,7 +99,7 @@ class CausalLM(nn.Module):
     def export_decoder(self) -> DecoderExport | None:
         return None
 
-    def pack_weights(self, small: bool) -> int:
+    def pack_weights(self, policy: GemmPolicy) -> int:
         """Pack what is not a layers.linear.Linear for the CPU GEMMs (a tied head, say)."""
         return 0
 

@@ -15,6 +15,7 @@ from server.models.layers.attention import Attention, Rope
 from server.models.layers.embedding import LMHead, VocabEmbedding
 from server.models.layers.mlp import GatedMLP
 from server.models.layers.norm import RMSNorm
+from server.models.layers.packed_gemm import GemmPolicy
 from server.models.layers.rotary import RotaryEmbedding
 
 
@@ -90,8 +91,8 @@ class LlamaForCausalLM(CausalLM):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def pack_weights(self, small: bool) -> int:
-        return self.lm_head.pack_tied(small)
+    def pack_weights(self, policy: GemmPolicy) -> int:
+        return self.lm_head.pack_tied(policy)
 
     def skips_weight(self, name: str) -> bool:
         # Tied embeddings: some checkpoints still carry the head's copy.

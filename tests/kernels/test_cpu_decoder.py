@@ -22,6 +22,7 @@ from server.model_runner.cpu import (
 from server.models.attention_metadata import AttentionMetadata
 from server.models.base import CausalLM, ModelOptions
 from server.models.layers.linear import pack_linear_weights
+from server.models.layers.packed_gemm import GemmPolicy
 from server.models.registry import parse_arch_config, resolve_model_class
 from tests.kernels.test_cpu_attention import needs_compiler
 
@@ -51,7 +52,7 @@ def make_model(arch: str = "LlamaForCausalLM", head_dim: int = 16, heads: int = 
                 p.normal_(0, 0.5)
             else:
                 p.normal_(0, p.shape[-1] ** -0.5)
-    assert pack_linear_weights(model, small=True) > 0
+    assert pack_linear_weights(model, policy=GemmPolicy(own=True)) > 0
     return model
 
 
@@ -146,13 +147,13 @@ def test_the_step_applies_only_to_few_decodes_on_the_native_path(monkeypatch):
     from server.models.layers import packed_gemm
 
     monkeypatch.setenv("PAGEDSERVE_SMALL_GEMM_ROWS", "8")
-    packed_gemm.own_rows_limit.cache_clear()
+    packed_gemm.gemm_table.cache_clear()
     try:
         limited = compiled_for(make_model(), caches)
         assert limited.max_rows == 8 and limited.applies(8, make_step(model, [5] * 8)[3])
         assert not limited.applies(9, make_step(model, [5] * 9)[3])
     finally:
-        packed_gemm.own_rows_limit.cache_clear()
+        packed_gemm.gemm_table.cache_clear()
 
 
 def test_out_of_range_blocks_raise_and_write_nothing():
@@ -172,11 +173,11 @@ def test_out_of_range_blocks_raise_and_write_nothing():
         assert torch.equal(k, bk) and torch.equal(v, bv)
 
 
-def test_needs_every_small_row_copy():
+def test_needs_every_projection_on_the_own_gemm():
     model = make_model()
     model.model.layers[1].mlp.down_proj.packed = None
     step, reason = compiled_decode_step(model, ModelConfig(), CPU, make_step(model, [3])[2])
-    assert step is None and "small-row" in reason
+    assert step is None and "compiled GEMM" in reason
 
 
 def test_a_family_without_the_export_hook_runs_layer_by_layer():

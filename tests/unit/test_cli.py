@@ -34,10 +34,12 @@ def test_serve_flags_map_to_config_fields():
         "1000000", "--max-num-seqs", "3", "--max-num-batched-tokens", "64", "--dtype",
         "bfloat16", "--device", "cpu", "--seed", "7", "--no-enable-prefix-caching",
         "--attention-backend", "torch", "--long-prefill-token-threshold", "48",
-        "--no-compiled-decode", "--quantization", "none", "--num-blocks", "40"])
+        "--no-compiled-decode", "--quantization", "none", "--num-blocks", "40",
+        "--cpu-gemm", "onednn"])
     assert engine_kwargs(args) == dict(
         model="/m", dtype="bfloat16", device="cpu", seed=7, attention_backend="torch",
-        compiled_decode=False, quantization="none", max_model_len=128, block_size=32,
+        compiled_decode=False, quantization="none", cpu_gemm="onednn", max_model_len=128,
+        block_size=32,
         kv_cache_memory=1000000, num_blocks=40, enable_prefix_caching=False, max_num_seqs=3,
         max_num_batched_tokens=64, long_prefill_token_threshold=48)
     assert args.host == "127.0.0.1" and args.port == 8000 and args.engine_mode == "thread"

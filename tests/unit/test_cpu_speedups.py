@@ -1,4 +1,5 @@
-"""The CPU-only speed-ups: oneDNN-prepacked linear weights and the malloc thresholds."""
+"""The CPU-only speed-ups: the GEMM copies of linear weights (which one serves a row count is
+tests/unit/test_gemm_choice.py's) and the malloc thresholds."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_linear
 from server.model_runner.cpu_allocator import keep_freed_memory_mapped
 from server.models.layers import packed_gemm as linear_mod
 from server.models.layers.linear import Linear, pack_linear_weights
-from server.models.layers.packed_gemm import PACKED_MIN_ROWS, SMALL_ROWS
+from server.models.layers.packed_gemm import PACKED_MIN_ROWS, GemmPolicy
 
 
 def random_linear(input_size: int, output_size: int, bias: bool = False) -> Linear:
@@ -35,56 +37,66 @@ def test_packed_linear_matches_f_linear(rows, bias):
 
 
 def rows_seen(monkeypatch, owner, name: str) -> list[int]:
-    """The row counts `owner.name(x, ...)` is called with, from now on (it still runs)."""
+    """The row counts `owner.name(...)` is called with, from now on (it still runs): the first
+    tensor argument's rows."""
     seen: list[int] = []
     real = getattr(owner, name)
 
-    def spy(x, *args):
-        seen.append((x if x is not None else args[0]).shape[0])
-        return real(x, *args)
+    def spy(*args):
+        seen.append(next(a for a in args if isinstance(a, torch.Tensor)).shape[0])
+        return real(*args)
 
     monkeypatch.setattr(owner, name, spy)
     return seen
 
 
-def test_packed_path_is_taken_only_from_min_rows(monkeypatch):
+def test_packed_path_is_taken_from_the_bucket_of_min_rows(monkeypatch):
+    """Unmeasured: F.linear up to the bucket below PACKED_MIN_ROWS (buckets are powers of 2)."""
     layer = random_linear(32, 48)
     assert layer.pack()
-    calls = rows_seen(monkeypatch, linear_mod, "_run_packed")
-    layer(torch.randn(PACKED_MIN_ROWS - 1, 32))
-    layer(torch.randn(PACKED_MIN_ROWS, 32))
-    assert calls == [PACKED_MIN_ROWS]
+    calls = rows_seen(monkeypatch, linear_mod, "_run")
+    for rows in (PACKED_MIN_ROWS // 2, PACKED_MIN_ROWS // 2 + 1, PACKED_MIN_ROWS):
+        layer(torch.randn(rows, 32))
+    assert calls == [PACKED_MIN_ROWS // 2 + 1, PACKED_MIN_ROWS]
 
 
-PACKERS = {
-    "mkl": lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, 64),
-    "onednn": lambda w: torch.ops.mkldnn._reorder_linear_weight(w, None),
-}
-
-
-@pytest.mark.parametrize("kind", sorted(PACKERS))
+@pytest.mark.parametrize("kind", ["mkl", "onednn"])
 def test_each_packer_matches_f_linear_at_any_row_count(kind):
     """MKL's copy is packed for one batch size and used for all: the layout must not depend
     on it. Row counts around SIMD and blocking edges, with and without bias."""
     torch.manual_seed(1)
     weight, bias = torch.randn(300, 160), torch.randn(300)
     try:
-        packed = linear_mod.PackedWeight(kind, PACKERS[kind](weight))
+        copy = linear_mod._pack(kind, weight)
     except (AttributeError, RuntimeError):
         pytest.skip(f"this torch build has no {kind} packer")
     for rows in (1, 3, 4, 15, 16, 17, 63, 64, 65, 129, 1000):
         x = torch.randn(rows, 320)[:, ::2]  # strided rows, as a column slice would give
         for b in (None, bias):
-            torch.testing.assert_close(linear_mod._run_packed(x, weight, b, packed),
+            torch.testing.assert_close(linear_mod._run(kind, x, weight, b, copy),
                                        F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_other_dtypes_stay_unpacked(dtype):
-    layer = random_linear(16, 16).to(dtype)
+def test_fp16_stays_unpacked():
+    layer = random_linear(16, 16).to(torch.float16)
     assert not layer.pack() and layer.packed is None
-    x = torch.randn(8, 16, dtype=dtype)
+    x = torch.randn(8, 16, dtype=torch.float16)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_bf16_weights_get_a_library_copy(monkeypatch):
+    """bf16: no MKL (fp32 only), so its unmeasured table takes oneDNN from PACKED_MIN_ROWS."""
+    torch.manual_seed(4)
+    layer = random_linear(64, 80, bias=True).to(torch.bfloat16)
+    if not layer.pack():
+        pytest.skip("this torch build has no oneDNN packer")
+    assert layer.packed.library == "onednn" and layer.packed.own is None
+    used = rows_seen(monkeypatch, linear_mod, "_run")
+    for rows in (1, PACKED_MIN_ROWS, 100):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
+                                   rtol=2e-2, atol=2e-2)
+    assert used == [PACKED_MIN_ROWS, 100]
 
 
 def test_pack_linear_weights_counts_modules_and_the_model_hook():
@@ -94,14 +106,14 @@ def test_pack_linear_weights_counts_modules_and_the_model_hook():
             self.a, self.b = random_linear(8, 8), random_linear(8, 4)
             self.plain = torch.nn.Linear(8, 8)  # not ours: left alone
 
-        def pack_weights(self, small):
-            self.hook_small = small
+        def pack_weights(self, policy):
+            self.hook_policy = policy
             return 1
 
     model = Model()
     assert pack_linear_weights(model) == 3
     assert model.a.packed is not None and not hasattr(model.plain, "packed")
-    assert model.hook_small is False and model.a.packed.small is None
+    assert model.hook_policy == GemmPolicy() and model.a.packed.own is None
 
 
 def test_packing_is_skipped_when_the_copies_exceed_the_budget():
@@ -112,67 +124,51 @@ def test_packing_is_skipped_when_the_copies_exceed_the_budget():
     assert pack_linear_weights(model, budget_bytes=needed) == 2
 
 
-def test_small_row_copies_serve_their_rows(monkeypatch):
-    from kernels import cpu_linear
+needs_own = pytest.mark.skipif(not cpu_linear.available(), reason="no C++ compiler: no own GEMM")
+OWN = GemmPolicy(own=True)
 
-    if not cpu_linear.available():
-        pytest.skip("no C++ compiler: no small-row GEMM")
+
+@needs_own
+def test_own_copies_serve_their_rows(monkeypatch):
     torch.manual_seed(3)
     layer = random_linear(96, 200, bias=True)  # 200 outputs: the last column block is partial
-    assert layer.pack(small=True) and layer.packed.small is not None
+    assert layer.pack(OWN) and layer.packed.own is not None
+    assert layer.packed.own_rows == 64  # tests/conftest.py's PAGEDSERVE_SMALL_GEMM_ROWS
     used = rows_seen(monkeypatch, cpu_linear, "linear")
-    lo, hi = SMALL_ROWS
-    for rows in (lo, lo + 1, hi, hi + 1, 2 * hi):
+    for rows in (1, 2, 64, 65, 128):
         x = torch.randn(rows, 96)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
                                    rtol=1e-5, atol=1e-5)
-    assert used == [lo, lo + 1, hi]
+    assert used == [1, 2, 64]
 
 
-def test_the_row_limit_is_the_last_count_the_own_gemm_wins_at_in_a_row():
-    from server.models.layers.packed_gemm import row_limit
-
-    assert row_limit(lambda rows: True) == SMALL_ROWS[1]
-    assert row_limit(lambda rows: rows <= 8) == 8
-    assert row_limit(lambda rows: rows != 4) == 2  # a loss ends the run: 8 and up stay off
-    assert row_limit(lambda rows: False) == 0
-
-
-def test_the_measured_limit_decides_the_rows_and_the_compiled_step(monkeypatch):
-    """With the measurement saying the own GEMM wins up to 8 rows, 9+ rows take torch's
-    GEMM; saying it never wins, no small-row copy is made."""
-    from kernels import cpu_linear
-    from server.models.layers import packed_gemm
-
-    if not cpu_linear.available():
-        pytest.skip("no C++ compiler: no small-row GEMM")
+@needs_own
+def test_the_unmeasured_limit_decides_the_rows(monkeypatch):
+    """PAGEDSERVE_SMALL_GEMM_ROWS=8: 9+ rows take a library's GEMM; 0: no own copy."""
     for forced, expected in (("8", [1, 8]), ("0", [])):
         monkeypatch.setenv("PAGEDSERVE_SMALL_GEMM_ROWS", forced)
-        packed_gemm.own_rows_limit.cache_clear()
+        linear_mod.gemm_table.cache_clear()
         layer = random_linear(96, 200, bias=True)
-        assert layer.pack(small=True)
-        assert layer.packed.small_max_rows == int(forced)
-        assert (layer.packed.small is None) == (forced == "0")
+        assert layer.pack(OWN)
+        assert layer.packed.own_rows == int(forced)
+        assert (layer.packed.own is None) == (forced == "0")
         used = rows_seen(monkeypatch, cpu_linear, "linear")
         for rows in (1, 8, 9):
             x = torch.randn(rows, 96)
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
                                        rtol=1e-5, atol=1e-5)
         assert used == expected
-    packed_gemm.own_rows_limit.cache_clear()
+    linear_mod.gemm_table.cache_clear()
 
 
-def test_small_row_copies_are_dropped_first_when_over_budget():
-    from kernels import cpu_linear
-
-    if not cpu_linear.available():
-        pytest.skip("no C++ compiler: no small-row GEMM")
+@needs_own
+def test_own_copies_are_dropped_first_when_over_budget():
     model = torch.nn.Sequential(random_linear(64, 64), random_linear(64, 32))
     needed = sum(p.nbytes for p in model.parameters() if p.dim() == 2)
-    assert pack_linear_weights(model, budget_bytes=2 * needed - 1, small=True) == 2
-    assert all(m.packed is not None and m.packed.small is None for m in model)
-    assert pack_linear_weights(model, budget_bytes=2 * needed, small=True) == 2
-    assert all(m.packed.small is not None for m in model)
+    assert pack_linear_weights(model, budget_bytes=2 * needed - 1, policy=OWN) == 2
+    assert all(m.packed is not None and m.packed.own is None for m in model)
+    assert pack_linear_weights(model, budget_bytes=2 * needed, policy=OWN) == 2
+    assert all(m.packed.own is not None for m in model)
 
 
 def test_tied_logits_head_uses_a_packed_embedding(tmp_path):
@@ -182,7 +178,7 @@ def test_tied_logits_head_uses_a_packed_embedding(tmp_path):
     model_dir = make_tiny_model(tmp_path, "qwen2")  # tied embeddings
     llm = LLM(str(model_dir), dtype="float32", device="cpu")
     model = llm.engine.runner.model
-    assert model.lm_head.proj is None and model.lm_head._tied_packed is not None
+    assert model.lm_head.proj is None and model.lm_head.packed is not None
     hidden = torch.randn(PACKED_MIN_ROWS + 3, model.config.hidden_size)
     torch.testing.assert_close(model.compute_logits(hidden),
                                F.linear(hidden, model.model.embed_tokens.weight),

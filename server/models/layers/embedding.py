@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.models.layers.linear import Linear, LinearMethod
-from server.models.layers.packed_gemm import PackedWeight, linear, packed_weight
+from server.models.layers.packed_gemm import GemmPolicy, PackedWeight, linear, packed_weight
 from server.models.layers.weights import set_weight_loader
 
 
@@ -31,16 +31,16 @@ class LMHead(nn.Module):
         self._tied: tuple[VocabEmbedding, ...] = (tied_to,) if tied_to is not None else ()
         self.proj = (None if tied_to is not None
                      else Linear(hidden_size, vocab_size, bias=False, method=method, dtype=dtype))
-        self._tied_packed: PackedWeight | None = None
+        self.packed: PackedWeight | None = None  # the tied head's copies
 
-    def pack_tied(self, small: bool) -> int:
+    def pack_tied(self, policy: GemmPolicy) -> int:
         """The tied head is no Linear: pack the embedding matrix for it."""
         if not self._tied:
             return 0
-        self._tied_packed = packed_weight(self._tied[0].weight, small=small)
-        return int(self._tied_packed is not None)
+        self.packed = packed_weight(self._tied[0].weight, policy=policy)
+        return int(self.packed is not None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.proj is not None:
             return self.proj(hidden)
-        return linear(hidden, self._tied[0].weight, None, self._tied_packed)
+        return linear(hidden, self._tied[0].weight, None, self.packed)

@@ -9,6 +9,7 @@ outputs side by side (q/k/v, gate/up) that the checkpoint stores as separate ten
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Protocol
@@ -16,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from server.models.layers.packed_gemm import PackedWeight, linear, packed_weight
+from server.models.layers.packed_gemm import GemmPolicy, PackedWeight, linear, packed_weight
 from server.models.layers.weights import copy_weight, set_weight_loader
 
 logger = logging.getLogger(__name__)
@@ -29,13 +30,13 @@ class LinearMethod(Protocol):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """x [rows, input_size] -> [rows, output_size]."""
 
-    def pack(self, layer: Linear, small: bool) -> bool:
-        """Make the CPU GEMMs' copy of the loaded weights; whether one was made."""
+    def pack(self, layer: Linear, policy: GemmPolicy) -> bool:
+        """Make the CPU GEMMs' copies of the loaded weights; whether one was made."""
 
 
 class UnquantizedLinearMethod:
-    """Weights as they are in the checkpoint (fp32 / fp16 / bf16); CPU GEMMs from the packed
-    copies of layers/packed_gemm.py."""
+    """Weights as they are in the checkpoint (fp32 / fp16 / bf16); CPU GEMMs from the copies
+    and the measured choice of layers/packed_gemm.py."""
 
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
         shards = tuple(range(len(layer.output_sizes))) if layer.merged else (None,)
@@ -49,8 +50,8 @@ class UnquantizedLinearMethod:
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return linear(x, layer.weight, layer.bias, layer.packed)
 
-    def pack(self, layer: Linear, small: bool) -> bool:
-        layer.packed = packed_weight(layer.weight, layer.bias, small)
+    def pack(self, layer: Linear, policy: GemmPolicy) -> bool:
+        layer.packed = packed_weight(layer.weight, layer.bias, policy)
         return layer.packed is not None
 
 
@@ -93,8 +94,8 @@ class Linear(nn.Module):
             dest = dest.narrow(0, sum(self.output_sizes[:shard_id]), self.output_sizes[shard_id])
         copy_weight(dest, tensor)
 
-    def pack(self, small: bool = False) -> bool:
-        return self.method.pack(self, small)
+    def pack(self, policy: GemmPolicy | None = None) -> bool:
+        return self.method.pack(self, policy or GemmPolicy())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
@@ -117,24 +118,25 @@ class MergedLinear(Linear):
 
 
 def pack_linear_weights(model: nn.Module, budget_bytes: int | None = None,
-                        small: bool = False) -> int:
-    """Packs every `Linear` of `model` (and whatever else its `pack_weights(small)` hook packs);
-    returns how many weights were packed. `small`: the small-row copies too, unless the two
-    copies would exceed `budget_bytes`. Packs nothing when even one copy of every weight matrix
-    (the most the MKL packing can add) would exceed it."""
+                        policy: GemmPolicy | None = None) -> int:
+    """Packs every `Linear` of `model` (and whatever else its `pack_weights(policy)` hook
+    packs); returns how many weights were packed. A weight keeps at most two copies (its own
+    GEMM's and one library's): without room for two within `budget_bytes` the own copies are
+    left out, and without room for one nothing is packed."""
+    policy = policy or GemmPolicy()
     if budget_bytes is not None:
         needed = sum(p.nbytes for p in model.parameters() if p.dim() == 2)
-        if small and 2 * needed > budget_bytes:
-            logger.warning("no small-row GEMM copies: %.1f GiB would exceed the %.1f GiB "
+        if policy.own and 2 * needed > budget_bytes:
+            logger.warning("no compiled-GEMM copies: %.1f GiB would exceed the %.1f GiB "
                            "budget", 2 * needed / 2**30, budget_bytes / 2**30)
-            small = False
+            policy = dataclasses.replace(policy, own=False)
         if needed > budget_bytes:
             logger.warning("not prepacking linear weights: %.1f GiB of copies would exceed the "
                            "%.1f GiB budget; GEMMs use the plain weights", needed / 2**30,
                            budget_bytes / 2**30)
             return 0
-    count = sum(m.pack(small) for m in model.modules() if isinstance(m, Linear))
+    count = sum(m.pack(policy) for m in model.modules() if isinstance(m, Linear))
     hook = getattr(model, "pack_weights", None)
     if hook is not None:
-        count += hook(small)
+        count += hook(policy)
     return count

@@ -1,31 +1,28 @@
-"""fp32 GEMMs on CPU from a prepacked copy of the weight (the unquantized LinearMethod's CPU path).
+"""CPU GEMMs of the unquantized LinearMethod: copies of a weight made once after loading, and the
+GEMM each row count runs on, chosen by measurement (layers/gemm_choice.py).
 
-torch's CPU `F.linear` hands MKL the plain [out, in] weight, which MKL repacks on every call: for
-the few-row GEMMs of a decode step (4-128 rows) that repacking costs more than the arithmetic.
-Packing once, after loading, is faster (measured in docs/performance.md). Two packers, the
-first that works on this torch build:
+torch's CPU `F.linear` hands its library the plain [out, in] weight, which it repacks on every
+call; for the few-row GEMMs of a decode step that repacking costs more than the arithmetic.
+The copies, each checked against F.linear before use:
 
-- MKL's packed GEMM (`torch.ops.mkl._mkl_linear`). torch asks for the packing batch size to equal
-  the GEMM's rows; MKL's packed layout does not depend on it (same size, same results for every
-  row count we tried), so one copy serves every batch, and each weight's copy is checked against
-  F.linear at several row counts before it is used.
-- oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`), slower than MKL's at 16+ rows.
+- "own": kernels/cpu_linear.py's layout for the compiled tiles (fp32), which the compiled
+  decode step also reads;
+- "mkl": MKL's packed GEMM (`torch.ops.mkl._mkl_linear`, fp32). torch asks for the packing batch
+  size to equal the GEMM's rows; MKL's packed layout does not depend on it (same size, same
+  results for every row count we tried), so one copy serves every batch;
+- "onednn": oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`, fp32 and bf16);
+- "torch": no copy, F.linear.
 
-For 1-3 rows MKL's GEMV on the plain weight is faster, so those keep it; the packed copy costs a
-second copy of every linear weight in memory, hence the runner's budget
-(layers/linear.py's `pack_linear_weights`).
-
-With the compiled CPU kernels (`small=True`), a third copy in kernels/cpu_linear.py's layout
-serves the row counts where it is faster than the path above, measured on this machine for each
-weight shape (`own_rows_limit`): on 2 Sapphire Rapids cores over SmolLM2-135M it took 0.95x
-MKL's time at 1 row, 0.69-0.80x at 4-16, 0.88x at 32 and 1.03x at 64; on 2 Zen 2 cores (AVX2)
-0.4-0.7x at 1-64 rows.
-PAGEDSERVE_SMALL_GEMM_ROWS=R skips the measurement and serves 1-R rows from the copy (0: none).
+`GemmPolicy` says what may be chosen: `--cpu-gemm auto` measures, a kind forces it for every
+row count where it exists. PAGEDSERVE_SMALL_GEMM_ROWS=R skips the measurement (the tests set
+it, so that which path runs does not depend on the machine's speed): own for 1-R rows, then
+F.linear below PACKED_MIN_ROWS and the first library copy that packs.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import statistics
@@ -36,51 +33,96 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_linear
+from kernels import cpu_linear, native
+from server.models.layers.gemm_choice import (
+    KINDS,
+    LIBRARIES,
+    GemmTable,
+    TableCache,
+    bucket_bounds,
+    choose,
+)
 
 logger = logging.getLogger(__name__)
 
-PACKED_MIN_ROWS = 4  # measured crossover on 2 Sapphire Rapids cores, docs/performance.md
-SMALL_ROWS = (1, 64)  # the most rows the cpu_linear copy may serve; per shape, as measured
-_LADDER = (1, 2, 4, 8, 16, 32, 64)  # row counts timed for the limit
+PACKED_MIN_ROWS = 4  # unmeasured tables: F.linear's GEMV below this (Sapphire Rapids)
 _MKL_PACK_ROWS = 64  # the batch-size hint given to MKL's packer (the layout ignores it)
-_PROBE_ROWS = (PACKED_MIN_ROWS, 7, 64, 200)
+_PROBE_ROWS = (1, 7, 65)  # a full, a partial and a tail tile of rows
+_STREAM_BYTES = 32 << 20  # weights timed per shape: more than the caches hold, as in a forward
+
+
+@dataclass(frozen=True)
+class GemmPolicy:
+    """What `packed_weight` may choose from. forced: "auto" (measure) or one of KINDS; own:
+    the compiled kernels may run; max_rows: the most rows a GEMM gets (the step's budget)."""
+    forced: str = "auto"
+    own: bool = False
+    max_rows: int = 512
+
+    @property
+    def bounds(self) -> tuple[int, ...]:
+        return bucket_bounds(self.max_rows)
 
 
 @dataclass(frozen=True, slots=True)
 class PackedWeight:
-    kind: str  # "mkl" or "onednn"
-    tensor: torch.Tensor
-    small: torch.Tensor | None = None  # cpu_linear.pack(weight), for 1..small_max_rows rows
-    small_max_rows: int = 0
+    table: GemmTable  # which copy each row count runs on
+    shape: tuple[int, int]  # the weight's [out, in]
+    library: str | None = None  # "mkl" or "onednn": the kind of `packed`
+    packed: torch.Tensor | None = None
+    own: torch.Tensor | None = None  # cpu_linear.pack(weight)
+
+    @property
+    def own_rows(self) -> int:
+        """Rows 1..own_rows all run on the own copy (what the compiled decode step needs)."""
+        return self.table.own_rows if self.own is not None else 0
 
 
-def _run_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                packed: PackedWeight) -> torch.Tensor:
-    if packed.kind == "mkl":
-        return torch.ops.mkl._mkl_linear(x, packed.tensor, weight, bias, x.shape[0])
-    return torch.ops.mkldnn._linear_pointwise(x, packed.tensor, bias, "none", [], "")
+def _pack(kind: str, weight: torch.Tensor) -> torch.Tensor:
+    if kind == "own":
+        if not (cpu_linear.supports(weight.dtype) and cpu_linear.available()):
+            raise RuntimeError(f"the compiled GEMM is not built here or takes no {weight.dtype}")
+        return cpu_linear.pack(weight)
+    if kind == "mkl":
+        if weight.dtype != torch.float32:
+            raise RuntimeError("MKL's packed GEMM is fp32 only")
+        return torch.ops.mkl._mkl_reorder_linear_weight(weight, _MKL_PACK_ROWS)
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
-def _agrees(packed: PackedWeight, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _run(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         copy: torch.Tensor | None) -> torch.Tensor:
+    if kind == "own":
+        assert copy is not None
+        return cpu_linear.linear(x, copy, bias, weight.shape[0])
+    if kind == "mkl":
+        return torch.ops.mkl._mkl_linear(x, copy, weight, bias, x.shape[0])
+    if kind == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(x, copy, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype == torch.float32 else 2e-2  # half dtypes: an ulp of rounding apart
+
+
+def _agrees(kind: str, copy: torch.Tensor | None, weight: torch.Tensor,
+            bias: torch.Tensor | None) -> bool:
     gen = torch.Generator().manual_seed(0)
+    tol = _tolerance(weight.dtype)
     for rows in _PROBE_ROWS:
-        probe = torch.randn(rows, weight.shape[1], generator=gen)
-        if not torch.allclose(_run_packed(probe, weight, bias, packed),
-                              F.linear(probe, weight, bias), rtol=1e-4, atol=1e-4):
+        probe = torch.randn(rows, weight.shape[1], generator=gen).to(weight.dtype)
+        if not torch.allclose(_run(kind, probe, weight, bias, copy),
+                              F.linear(probe, weight, bias), rtol=tol, atol=tol):
             return False
     return True
 
 
-def row_limit(own_is_faster: Callable[[int], bool], ladder: tuple[int, ...] = _LADDER) -> int:
-    """The largest row count of `ladder` up to which the own GEMM wins at every count (0: it
-    loses at the first)."""
-    limit = 0
-    for rows in ladder:
-        if not own_is_faster(rows):
-            break
-        limit = rows
-    return limit
+def _candidates(dtype: torch.dtype, policy: GemmPolicy) -> list[str]:
+    """The kinds that may be built for this dtype: own where its kernel runs, both libraries
+    (whether this torch has them shows when packing), torch always."""
+    own = policy.own and cpu_linear.supports(dtype) and cpu_linear.available()
+    return [k for k in KINDS if k != "own" or own]
 
 
 def median_time(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -94,89 +136,118 @@ def median_time(fn: Callable[[], object], repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-_STREAM_BYTES = 32 << 20  # weights timed per shape: more than the caches hold, as in a forward
+_PASSES = 3  # timed sweeps per kind and bucket, interleaved across the kinds; the best counts
+
+
+def measure(in_features: int, out_features: int, dtype: torch.dtype, kinds: list[str],
+            bounds: tuple[int, ...]) -> dict[str, list[float]]:
+    """Seconds per call of each kind that packs, at each bucket's row count. A sweep calls a
+    kind once on each of several copies of a random weight that together outgrow the caches,
+    so the weights stream from memory as a forward pass's do; the kinds' sweeps alternate and
+    each keeps its fastest (other load only slows a sweep down: medians of single calls
+    flipped the choice between runs by 10-40%)."""
+    gen = torch.Generator().manual_seed(2)
+    size = torch.empty((), dtype=dtype).element_size()
+    copies = max(1, min(16, _STREAM_BYTES // (size * in_features * out_features)))
+    weights = [torch.randn(out_features, in_features, generator=gen).to(dtype)
+               for _ in range(copies)]
+    made: dict[str, list[torch.Tensor | None]] = {}
+    for kind in kinds:
+        try:
+            made[kind] = [None if kind == "torch" else _pack(kind, w) for w in weights]
+        except (AttributeError, RuntimeError) as e:  # not in this torch build, or this dtype
+            logger.debug("no %s GEMM for %s: %s", kind, dtype, e)
+    seconds: dict[str, list[float]] = {kind: [] for kind in made}
+    for rows in bounds:
+        x = torch.randn(rows, in_features, generator=gen).to(dtype)
+        best = dict.fromkeys(made, float("inf"))
+        for _ in range(_PASSES):
+            for kind, packed in made.items():
+                _run(kind, x, weights[0], None, packed[0])  # the other runtime's threads wake
+                start = time.perf_counter()
+                for weight, copy in zip(weights, packed, strict=True):
+                    _run(kind, x, weight, None, copy)
+                best[kind] = min(best[kind], (time.perf_counter() - start) / copies)
+        for kind in made:
+            seconds[kind].append(best[kind])
+    return seconds
+
+
+def _unmeasured_table(policy: GemmPolicy, own_rows: int, dtype: torch.dtype) -> GemmTable:
+    """PAGEDSERVE_SMALL_GEMM_ROWS: own up to `own_rows`, then torch below PACKED_MIN_ROWS, then
+    the first library that packs this dtype."""
+    library = "mkl" if dtype == torch.float32 else "onednn"
+    own = "own" in _candidates(dtype, policy)
+    return GemmTable(policy.bounds, tuple(
+        "own" if own and b <= own_rows else "torch" if b < PACKED_MIN_ROWS else library
+        for b in policy.bounds))
 
 
 @functools.cache
-def own_rows_limit(in_features: int, out_features: int) -> int:
-    """Up to how many rows the cpu_linear copy beats the packed or plain torch GEMM for a
-    weight of this shape, timed once per shape on this machine (or PAGEDSERVE_SMALL_GEMM_ROWS).
-    The calls cycle through copies of the weight that together outgrow the caches, so the
-    weights stream from memory as a decode step's do."""
-    forced = os.environ.get("PAGEDSERVE_SMALL_GEMM_ROWS")
-    if forced is not None:
-        return max(0, min(int(forced), SMALL_ROWS[1]))
-    gen = torch.Generator().manual_seed(2)
-    copies = max(1, min(16, _STREAM_BYTES // (4 * in_features * out_features)))
-    weights = [torch.randn(out_features, in_features, generator=gen) for _ in range(copies)]
-    own = [cpu_linear.pack(w) for w in weights]
-    packed = [packed_weight(w) for w in weights]
-
-    def own_is_faster(rows: int) -> bool:
-        x = torch.randn(rows, in_features, generator=gen)
-        turn = iter(range(1 << 30))
-
-        def theirs() -> None:
-            i = next(turn) % copies
-            linear(x, weights[i], None, packed[i])
-
-        def ours() -> None:
-            cpu_linear.linear(x, own[next(turn) % copies], None, out_features)
-
-        return median_time(ours, 2 * copies) <= median_time(theirs, 2 * copies)
-
-    return row_limit(own_is_faster)
-
-
-def _small_copy(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """cpu_linear's copy of `weight`, checked against F.linear at a few row counts."""
-    small = cpu_linear.pack(weight)
-    gen = torch.Generator().manual_seed(1)
-    for rows in (SMALL_ROWS[0], 7, SMALL_ROWS[1]):
-        probe = torch.randn(rows, weight.shape[1], generator=gen)
-        if not torch.allclose(cpu_linear.linear(probe, small, bias, weight.shape[0]),
-                              F.linear(probe, weight, bias), rtol=1e-4, atol=1e-4):
-            logger.warning("the compiled small-row GEMM disagrees with F.linear; not using it")
-            return None
-    return small
+def gemm_table(in_features: int, out_features: int, dtype: torch.dtype,
+               policy: GemmPolicy) -> GemmTable:
+    """The kinds a weight of this shape runs on per row count: forced, or measured on this
+    machine (once per process, and cached on disk across starts)."""
+    if policy.forced != "auto":
+        return GemmTable.uniform(policy.forced, policy.bounds)
+    forced_rows = os.environ.get("PAGEDSERVE_SMALL_GEMM_ROWS")
+    if forced_rows is not None:
+        return _unmeasured_table(policy, int(forced_rows), dtype)
+    kinds = _candidates(dtype, policy)
+    key = json.dumps([native.cpu_signature(), torch.__version__, torch.get_num_threads(),
+                      native.build_key("gemm_cpu") if "own" in kinds else None, str(dtype),
+                      in_features, out_features, policy.bounds])
+    cache = TableCache(native.cache_dir() / "gemm-choice.json")
+    table = cache.get(key, policy.bounds)
+    if table is None:
+        table = choose(measure(in_features, out_features, dtype, kinds, policy.bounds),
+                       policy.bounds)
+        cache.put(key, table)
+    return table
 
 
 def packed_weight(weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  small: bool = False) -> PackedWeight | None:
-    """A prepacked copy of an fp32 CPU weight [out, in], checked against F.linear; None where
-    this torch build has no packer that agrees. `small`: also the copy for the small rows,
-    where the compiled kernel is available."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+                  policy: GemmPolicy | None = None) -> PackedWeight | None:
+    """The copies of a CPU weight [out, in] that its table uses, each checked against F.linear
+    (a kind that disagrees is replaced by torch's, with a warning); None where every row count
+    runs on F.linear."""
+    policy = policy or GemmPolicy()
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return None
     weight = weight.detach()
     bias = None if bias is None else bias.detach()
-    packers = (("mkl", lambda: torch.ops.mkl._mkl_reorder_linear_weight(weight, _MKL_PACK_ROWS)),
-               ("onednn", lambda: torch.ops.mkldnn._reorder_linear_weight(weight, None)))
-    for kind, pack in packers:
-        try:
-            packed = PackedWeight(kind, pack())
-            if _agrees(packed, weight, bias):
-                limit = (own_rows_limit(weight.shape[1], weight.shape[0])
-                         if small and cpu_linear.available() else 0)
-                if limit:
-                    copy = _small_copy(weight, bias)
-                    packed = PackedWeight(kind, packed.tensor, copy,
-                                          limit if copy is not None else 0)
-                return packed
-        except (AttributeError, RuntimeError) as e:  # no such op in this build
-            logger.debug("no %s packed linear in this torch: %s", kind, e)
+    table = gemm_table(weight.shape[1], weight.shape[0], weight.dtype, policy)
+    copies: dict[str, torch.Tensor] = {}
+    for kind in dict.fromkeys(table.kinds):
+        if kind == "torch":
             continue
-        logger.warning("the %s packed linear disagrees with F.linear; not using it", kind)
-    return None
+        try:
+            copy = _pack(kind, weight)
+        except (AttributeError, RuntimeError) as e:
+            if policy.forced == kind:
+                raise ValueError(f"cpu_gemm {kind!r}: {e}") from e
+            logger.debug("no %s GEMM here: %s", kind, e)
+            table = table.replace(kind, "torch")
+            continue
+        if not _agrees(kind, copy, weight, bias):
+            logger.warning("the %s GEMM disagrees with F.linear; not using it", kind)
+            table = table.replace(kind, "torch")
+            continue
+        copies[kind] = copy
+    if not copies:
+        return None
+    library = next((k for k in LIBRARIES if k in copies), None)
+    return PackedWeight(table, (weight.shape[0], weight.shape[1]), library,
+                        copies.get(library) if library else None, copies.get("own"))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: PackedWeight | None) -> torch.Tensor:
-    """F.linear over a [rows, in] input, from `packed` when it is set and rows are many enough."""
+    """F.linear over a [rows, in] input, on the copy its row count's table entry names."""
     if packed is not None and x.dim() == 2:
-        rows = x.shape[0]
-        if packed.small is not None and rows <= packed.small_max_rows and x.stride(1) == 1:
-            return cpu_linear.linear(x, packed.small, bias, weight.shape[0])
-        if rows >= PACKED_MIN_ROWS:
-            return _run_packed(x, weight, bias, packed)
+        kind = packed.table.kind(x.shape[0])
+        if kind == "own" and packed.own is not None and x.stride(1) == 1:
+            return cpu_linear.linear(x, packed.own, bias, weight.shape[0])
+        if kind == packed.library:
+            return _run(kind, x, weight, bias, packed.packed)
     return F.linear(x, weight, bias)

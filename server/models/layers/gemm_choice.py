@@ -1,0 +1,140 @@
+"""Which CPU GEMM serves each row count of a weight shape: a table chosen from measured times,
+and its cache on disk.
+
+The candidates (layers/packed_gemm.py makes and runs them) are "own" (kernels/cpu_linear.py's
+tiles), "onednn" and "mkl" (torch's prepacked linears) and "torch" (plain F.linear on the
+checkpoint's weight, no copy). They rank differently per CPU: on 2 Zen 5 cores oneDNN runs
+2-2.5x MKL's rate from 4 rows up, while on Sapphire Rapids MKL led oneDNN from 16 rows
+(docs/performance.md). So nothing is assumed: every candidate is timed at row buckets 1, 2,
+4, ... up to the step's token budget, and each bucket takes the fastest (the own GEMM within
+OWN_MARGIN of it). Only one library
+copy is kept per weight (memory: own + one library copy at most), the library whose times,
+relative to each bucket's best, sum least.
+
+A table is measured once per CPU, thread count, torch version, own-kernel build, dtype and
+shape, and kept in the kernel cache directory (kernels/native.py), so later starts read it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("own", "onednn", "mkl", "torch")
+# The own GEMM keeps a bucket unless another kind is this much faster: its row range is also
+# where the compiled decode step may run, which saves the layer-by-layer dispatch that a
+# GEMM's timing does not see, and timings of the close pairs vary by ~10% between runs.
+OWN_MARGIN = 0.10
+LIBRARIES = ("mkl", "onednn")  # the prepacked copies: one of them is kept per weight
+
+
+def bucket_bounds(max_rows: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to the first power of two >= max_rows."""
+    bounds = [1]
+    while bounds[-1] < max_rows:
+        bounds.append(bounds[-1] * 2)
+    return tuple(bounds)
+
+
+@dataclass(frozen=True)
+class GemmTable:
+    """Bucket i serves the row counts (bounds[i - 1], bounds[i]] with kinds[i]; row counts past
+    the last bound take the last kind."""
+    bounds: tuple[int, ...]
+    kinds: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        assert self.bounds and len(self.bounds) == len(self.kinds), self
+        assert all(k in KINDS for k in self.kinds), self.kinds
+
+    @classmethod
+    def uniform(cls, kind: str, bounds: tuple[int, ...]) -> GemmTable:
+        return cls(bounds, (kind,) * len(bounds))
+
+    def kind(self, rows: int) -> str:
+        return self.kinds[min(bisect.bisect_left(self.bounds, rows), len(self.kinds) - 1)]
+
+    @property
+    def own_rows(self) -> int:
+        """Rows 1..own_rows all take the own GEMM (0: not even 1 row)."""
+        limit = 0
+        for bound, kind in zip(self.bounds, self.kinds, strict=True):
+            if kind != "own":
+                break
+            limit = bound
+        return limit
+
+    def replace(self, kind: str, by: str) -> GemmTable:
+        return GemmTable(self.bounds, tuple(by if k == kind else k for k in self.kinds))
+
+    def describe(self) -> str:
+        """'own 1-64, onednn 65+': the row ranges of each run of one kind."""
+        parts, lo = [], 1
+        for i, kind in enumerate(self.kinds):
+            if i + 1 < len(self.kinds) and self.kinds[i + 1] == kind:
+                continue
+            last = i + 1 == len(self.kinds)
+            hi = self.bounds[i]
+            parts.append(f"{kind} {lo}+" if last else
+                         f"{kind} {lo}" if lo == hi else f"{kind} {lo}-{hi}")
+            lo = hi + 1
+        return ", ".join(parts)
+
+
+def choose(seconds: Mapping[str, Sequence[float]], bounds: tuple[int, ...]) -> GemmTable:
+    """The table from each candidate's time per bucket (`seconds[kind][i]` at bounds[i])."""
+    assert seconds and all(len(t) == len(bounds) for t in seconds.values()), seconds
+    best = [min(t[i] for t in seconds.values()) for i in range(len(bounds))]
+    libraries = [k for k in LIBRARIES if k in seconds]
+    kept = min(libraries, key=lambda k: sum(t / b for t, b in zip(seconds[k], best,
+                                                                 strict=True)),
+               default=None)
+    allowed = [k for k in ("own", kept, "torch") if k is not None and k in seconds]
+
+    def cost(kind: str, i: int) -> float:
+        return seconds[kind][i] / (1 + OWN_MARGIN) if kind == "own" else seconds[kind][i]
+
+    return GemmTable(bounds, tuple(min(allowed, key=lambda k: cost(k, i))
+                                   for i in range(len(bounds))))
+
+
+class TableCache:
+    """Measured tables on disk, one JSON object of key -> kinds; a file that cannot be read
+    counts as empty, and a failed write only costs the next start its measurement."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _read(self) -> dict[str, list[str]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, key: str, bounds: tuple[int, ...]) -> GemmTable | None:
+        kinds = self._read().get(key)
+        if (not isinstance(kinds, list) or len(kinds) != len(bounds)
+                or not all(k in KINDS for k in kinds)):
+            return None
+        return GemmTable(bounds, tuple(kinds))
+
+    def put(self, key: str, table: GemmTable) -> None:
+        data = self._read()
+        data[key] = list(table.kinds)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(suffix=".json", dir=self.path.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.path)  # readers never see half a file
+        except OSError as e:
+            logger.warning("could not store the GEMM choice in %s: %s", self.path, e)

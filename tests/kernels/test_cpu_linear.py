@@ -36,3 +36,34 @@ def test_pack_pads_the_last_block_with_zeros():
     torch.testing.assert_close(packed[0].t(), weight[:16])
     torch.testing.assert_close(packed[1, :, :4].t(), weight[16:])
     assert not packed[1, :, 4:].any()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 40, 64])
+@pytest.mark.parametrize("out_features,in_features", [(48, 64), (200, 96), (7, 1536), (80, 34)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_matches_f_linear(rows, out_features, in_features, bias):
+    """fp32 sums rounded once to bf16, as torch's bf16 F.linear: equal but for an ulp where
+    the sums' order differs (with AVX512_BF16, measured bit-equal at SmolLM2's shapes)."""
+    g = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = (torch.randn(out_features, in_features, generator=g) / in_features ** 0.5).bfloat16()
+    b = torch.randn(out_features, generator=g).bfloat16() if bias else None
+    x = torch.randn(rows, in_features + 2, generator=g).bfloat16()[:, :in_features]
+    packed = cpu_linear.pack(weight)
+    assert packed.shape == (-(-out_features // 16), in_features // 2, 16, 2)
+    ours = cpu_linear.linear(x, packed, b, out_features)
+    assert ours.dtype == torch.bfloat16
+    torchs = F.linear(x, weight, b).double()
+    ulp = torchs.abs().clamp_min(2 ** -20) * 2 ** -7  # one bf16 ulp (8 bits of mantissa)
+    assert ((ours.double() - torchs).abs() <= ulp).all()
+    assert (ours.double() != torchs).float().mean() < 0.02
+
+
+def test_bf16_pack_pairs_the_inputs_of_each_column():
+    weight = torch.arange(17 * 4, dtype=torch.float32).view(17, 4).bfloat16()
+    packed = cpu_linear.pack(weight)
+    assert packed.shape == (2, 2, 16, 2)
+    assert torch.equal(packed[0, 1, 3], weight[3, 2:4])  # column 3, inputs 2 and 3
+    assert torch.equal(packed[1, 0, 0], weight[16, 0:2])
+    assert not packed[1, :, 1:].any()
+    with pytest.raises(RuntimeError, match="even number of inputs"):
+        cpu_linear.pack(torch.zeros(4, 3, dtype=torch.bfloat16))

@@ -5,8 +5,8 @@ torch's CPU `F.linear` hands its library the plain [out, in] weight, which it re
 call; for the few-row GEMMs of a decode step that repacking costs more than the arithmetic.
 The copies, each checked against F.linear before use:
 
-- "own": kernels/cpu_linear.py's layout for the compiled tiles (fp32), which the compiled
-  decode step also reads;
+- "own": kernels/cpu_linear.py's layout for the compiled tiles (fp32, and bf16 with fp32
+  sums), which the compiled decode step also reads (fp32);
 - "mkl": MKL's packed GEMM (`torch.ops.mkl._mkl_linear`, fp32). torch asks for the packing batch
   size to equal the GEMM's rows; MKL's packed layout does not depend on it (same size, same
   results for every row count we tried), so one copy serves every batch;
@@ -118,7 +118,7 @@ def _agrees(kind: str, copy: torch.Tensor | None, weight: torch.Tensor,
     return True
 
 
-def _candidates(dtype: torch.dtype, policy: GemmPolicy) -> list[str]:
+def candidates(dtype: torch.dtype, policy: GemmPolicy) -> list[str]:
     """The kinds that may be built for this dtype: own where its kernel runs, both libraries
     (whether this torch has them shows when packing), torch always."""
     own = policy.own and cpu_linear.supports(dtype) and cpu_linear.available()
@@ -177,7 +177,7 @@ def _unmeasured_table(policy: GemmPolicy, own_rows: int, dtype: torch.dtype) -> 
     """PAGEDSERVE_SMALL_GEMM_ROWS: own up to `own_rows`, then torch below PACKED_MIN_ROWS, then
     the first library that packs this dtype."""
     library = "mkl" if dtype == torch.float32 else "onednn"
-    own = "own" in _candidates(dtype, policy)
+    own = "own" in candidates(dtype, policy)
     return GemmTable(policy.bounds, tuple(
         "own" if own and b <= own_rows else "torch" if b < PACKED_MIN_ROWS else library
         for b in policy.bounds))
@@ -193,7 +193,7 @@ def gemm_table(in_features: int, out_features: int, dtype: torch.dtype,
     forced_rows = os.environ.get("PAGEDSERVE_SMALL_GEMM_ROWS")
     if forced_rows is not None:
         return _unmeasured_table(policy, int(forced_rows), dtype)
-    kinds = _candidates(dtype, policy)
+    kinds = candidates(dtype, policy)
     key = json.dumps([native.cpu_signature(), torch.__version__, torch.get_num_threads(),
                       native.build_key("gemm_cpu") if "own" in kinds else None, str(dtype),
                       in_features, out_features, policy.bounds])

@@ -7,7 +7,11 @@ Measures, on the CPU:
 * matrix-multiply rate at large square sizes (n x n @ n x n) and at the model's own GEMM
   shapes for a batch of M tokens — per layer qkv (H -> q+2kv), o_proj (q -> H), gate_up
   (H -> 2I), down (I -> H), then lm_head (H -> V) — through distinct weights for every layer,
-  called in layer order so the weights stream from memory as they do in a real forward pass.
+  called in layer order so the weights stream from memory as they do in a real forward pass;
+* the same shapes on each GEMM kind the server chooses from (F.linear, MKL's and oneDNN's
+  prepacked linears, the own compiled tiles), timed as its start-up choice times them
+  (layers/packed_gemm.py's `measure`), and at each shape's fastest kind: what one library
+  reaches is not what the machine allows (MKL on AMD CPUs runs at a fraction of oneDNN's rate).
 Every figure is the best of several runs (`--iters`, `--min-time`) in each of `--rounds`
 rounds, each model GEMM call timed on its own: other load on the machine only slows a call
 down.
@@ -26,8 +30,8 @@ Ceilings:
   but left out, as are compute and overheads);
 * output tok/s at large concurrency = FLOP rate / (FLOPs per output token
   + FLOPs per prompt token x in / out), at the FMA peak (the best GEMM where the FMA loop
-  cannot be built), at the best GEMM measured anywhere, and at the best rate of the model's
-  own GEMMs (over the M measured).
+  cannot be built), at the best GEMM measured anywhere, at the best kind per model shape, and
+  at the best rate of the model's GEMMs through F.linear (over the M measured).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from kernels import cpu_peak
 from server.bench.args import parse_ints
 from server.config import DTYPES
 from server.models.arch_config import ArchConfig
+from server.models.layers import packed_gemm
 from server.models.registry import read_arch_config
 
 _DTYPES = {name: getattr(torch, name) for name in DTYPES if name != "auto"}
@@ -232,6 +237,27 @@ def gemm_row(gemms: list[Gemm], num_tokens: int, call_seconds: dict[str, list[fl
                    weight_bytes / total_s / _GB)
 
 
+def library_rates(gemms: list[Gemm], dtype: torch.dtype,
+                  num_tokens: list[int]) -> dict[int, dict[str, float]]:
+    """GFLOP/s of a forward's matmuls at each M on each GEMM kind the server may choose
+    (layers/packed_gemm.py: F.linear, MKL's and oneDNN's prepacked linears, the own tiles),
+    timed as its start-up choice times them, and "best": each shape on its fastest kind."""
+    kinds = packed_gemm.candidates(dtype, packed_gemm.GemmPolicy(own=True))
+    bounds = tuple(num_tokens)
+    seconds = {g.name: packed_gemm.measure(g.in_features, g.out_features, dtype, kinds, bounds)
+               for g in gemms}
+    found = [k for k in kinds if all(k in seconds[g.name] for g in gemms)]
+    rates: dict[int, dict[str, float]] = {}
+    for i, m in enumerate(num_tokens):
+        flops = sum(2 * m * g.params for g in gemms)
+        row = {k: flops / sum(g.count * seconds[g.name][k][i] for g in gemms) / _GB
+               for k in found}
+        row["best"] = flops / sum(g.count * min(t[i] for t in seconds[g.name].values())
+                                  for g in gemms) / _GB
+        rates[m] = row
+    return rates
+
+
 def _merge_min(a: dict[str, list[float]] | None,
                b: dict[str, list[float]]) -> dict[str, list[float]]:
     return b if a is None else {k: [min(x, y) for x, y in zip(a[k], b[k])] for k in b}
@@ -268,6 +294,16 @@ def format_gemm_table(rows: list[GemmRow], names: list[str]) -> str:
     for r in rows:
         lines.append(f"{r.num_tokens:5d} " + " ".join(f"{r.gflops_per_s[n]:8.1f}" for n in names)
                      + f" {r.all_gflops_per_s:8.1f} {r.forward_ms:8.2f} {r.weight_gb_per_s:8.2f}")
+    return "\n".join(lines)
+
+
+def format_library_table(rates: dict[int, dict[str, float]]) -> str:
+    kinds = list(next(iter(rates.values())))
+    lines = ["GEMM kinds at the model's shapes, GFLOP/s over a forward's matmuls (weights "
+             "streaming; best: each shape on its fastest kind, as the server chooses):",
+             f"{'M':>5s} " + " ".join(f"{k:>8s}" for k in kinds)]
+    for m, row in rates.items():
+        lines.append(f"{m:5d} " + " ".join(f"{row[k]:8.1f}" for k in kinds))
     return "\n".join(lines)
 
 
@@ -330,6 +366,7 @@ def main(args) -> int:
                                          for n, v in result["square_gflops_per_s"].items()))
     print(format_gemm_table([GemmRow(**r) for r in result["gemms"]],
                             [g.name for g in gemm_shapes(arch)]))
+    print(format_library_table({int(m): r for m, r in result["library_gflops_per_s"].items()}))
     print(format_ceilings(result["ceilings"], args.input_len, args.output_len))
     print(f"measured in {result['elapsed_s']:.1f} s")
     if args.json:
@@ -357,9 +394,11 @@ def _measure(arch: ArchConfig, counts: Counts, dtype: torch.dtype, args) -> dict
             calls[m] = _merge_min(calls[m], measure_gemm_calls(gemms, weights, m, dtype, iters,
                                                                warmup, min_s))
     del weights
+    libraries = library_rates(gemms, dtype, list(args.batch_tokens))
+    best_library = max(r["best"] for r in libraries.values())
     rows = [gemm_row(gemms, m, c, counts.bytes_per_param) for m, c in calls.items()]
     best_row = max(rows, key=lambda r: r.all_gflops_per_s)
-    best_gemm = max([*squares.values(), *(r.all_gflops_per_s for r in rows)])
+    best_gemm = max([*squares.values(), *(r.all_gflops_per_s for r in rows), best_library])
     peak = fma / _GB or best_gemm
     one = next((r for r in rows if r.num_tokens == 1), None)
     ceilings = {
@@ -374,12 +413,16 @@ def _measure(arch: ArchConfig, counts: Counts, dtype: torch.dtype, args) -> dict
         "best_gemm_gflops_per_s": best_gemm,
         "output_tok_s_large_concurrency_at_best_gemm": throughput_ceiling(
             counts, best_gemm * _GB, args.input_len, args.output_len),
+        "best_library_gflops_per_s": best_library,
+        "output_tok_s_large_concurrency_at_best_library": throughput_ceiling(
+            counts, best_library * _GB, args.input_len, args.output_len),
         "model_gemm_tokens": best_row.num_tokens,
         "model_gemm_gflops_per_s": best_row.all_gflops_per_s,
         "bandwidth_gb_per_s": bandwidth / _GB,
     }
     return {"threads": torch.get_num_threads(), "bandwidth_gb_per_s": bandwidth / _GB,
             "square_gflops_per_s": squares, "gemms": [asdict(r) for r in rows],
+            "library_gflops_per_s": libraries,
             "ceilings": ceilings, "elapsed_s": time.perf_counter() - start,
             "load_average_before": load_before, "load_average_after": _load_average()}
 
@@ -407,7 +450,9 @@ def format_ceilings(c: dict, input_len: int, output_len: int) -> str:
         f"{c['output_tok_s_large_concurrency']:.1f} tok/s",
         f"    (at the best GEMM measured, {c['best_gemm_gflops_per_s']:.1f} GFLOP/s: "
         f"{c['output_tok_s_large_concurrency_at_best_gemm']:.1f} tok/s)",
-        f"    (at the model's GEMMs, best at M={c['model_gemm_tokens']}: "
+        f"    (at the best GEMM kind per model shape, {c['best_library_gflops_per_s']:.1f} "
+        f"GFLOP/s: {c['output_tok_s_large_concurrency_at_best_library']:.1f} tok/s)",
+        f"    (at the model's GEMMs through F.linear, best at M={c['model_gemm_tokens']}: "
         f"{c['model_gemm_gflops_per_s']:.1f} GFLOP/s -> "
         f"{c['output_tok_s_large_concurrency_at_model_gemms']:.1f} tok/s)",
     ]

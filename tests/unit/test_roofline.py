@@ -188,8 +188,17 @@ def test_main_on_a_tiny_model(tmp_path: Path, capsys):
     assert result["bandwidth_gb_per_s"] > 0
     assert ceilings["decode_tok_s_concurrency_1"] == pytest.approx(
         result["bandwidth_gb_per_s"] * 1e9 / counts["weight_bytes_per_step"])
+    # Each GEMM kind the server may choose, at every M; "best" takes each shape's fastest.
+    libraries = result["library_gflops_per_s"]
+    assert set(libraries) == {"1", "4"}
+    for row in libraries.values():
+        assert "torch" in row and all(v > 0 for v in row.values())
+        assert row["best"] >= max(v for k, v in row.items() if k != "best") * (1 - 1e-9)
+    assert "GEMM kinds at the model's shapes" in printed
+    best_library = max(r["best"] for r in libraries.values())
+    assert ceilings["best_library_gflops_per_s"] == pytest.approx(best_library)
     best_gemm = max([*result["square_gflops_per_s"].values(),
-                     *(r["all_gflops_per_s"] for r in result["gemms"])])
+                     *(r["all_gflops_per_s"] for r in result["gemms"]), best_library])
     assert ceilings["best_gemm_gflops_per_s"] == pytest.approx(best_gemm)
     # The FLOP ceiling is the FMA loop's where it builds, else the best GEMM's.
     peak = ceilings["fma_peak_gflops_per_s"] or best_gemm

@@ -1,6 +1,7 @@
 """Decode attention on CPU through the compiled kernel kernels/csrc/paged_decode_cpu.cpp: each
 decode's query token attends over its sequence's cache blocks, read in place through the block
-table. fp32 only; `supports` says when it applies, the torch path covers everything else.
+table. fp32 or bf16 (query, caches and output of one dtype; fp32 sums); `supports` says when it
+applies, the torch path covers everything else.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from kernels import native
 from kernels.native import F32, I32, I64, PTR
 
 _NAME = "paged_decode_cpu"
-_SIGNATURES = {"pagedserve_paged_decode_f32": (
+_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+DTYPES = tuple(_SUFFIXES)
+_SIGNATURES = {f"pagedserve_paged_decode_{suffix}": (
     [PTR, I64, PTR, I64,  # query, stride, out, stride
      PTR, PTR, I64, I64,  # key_cache, value_cache, stride_block, stride_slot
      PTR, I64, PTR,  # block_table, stride, seq_lens
      PTR, PTR, I64,  # rows, seqs, num_decodes
      I32, I32, I32, I32, F32, I32, I32],  # heads, kv heads, head_dim, block_size, scale,
-    ctypes.c_int)}                        # sliding_window, num_threads
+    ctypes.c_int) for suffix in _SUFFIXES.values()}  # sliding_window, num_threads
 
 
 def _library() -> ctypes.CDLL | None:
@@ -33,18 +36,19 @@ def available() -> bool:
 
 def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
              out: torch.Tensor | None = None) -> bool:
-    """fp32 CPU tensors with the head dim contiguous, K and V laid out alike."""
-    head_dim = query.shape[2]
-    return (query.device.type == "cpu" and query.dtype == torch.float32
-            and (out is None or (out.dtype == torch.float32 and out.stride(2) == 1
+    """fp32 or bf16 CPU tensors of one dtype with the head dim contiguous, K and V laid out
+    alike."""
+    head_dim, dtype = query.shape[2], query.dtype
+    return (query.device.type == "cpu" and dtype in DTYPES
+            and (out is None or (out.dtype == dtype and out.stride(2) == 1
                                  and out.stride(1) == head_dim))
-            and key_cache.dtype == torch.float32 and value_cache.dtype == torch.float32
+            and key_cache.dtype == dtype and value_cache.dtype == dtype
             and key_cache.stride() == value_cache.stride()
             and key_cache.stride(3) == 1 and key_cache.stride(2) == key_cache.shape[3]
             and available())
 
 
-def paged_decode(query: torch.Tensor,  # [num_tokens, num_heads, head_dim] fp32
+def paged_decode(query: torch.Tensor,  # [num_tokens, num_heads, head_dim] fp32 or bf16
                  key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
                  value_cache: torch.Tensor,
                  block_table: torch.Tensor,  # [num_seqs, max_blocks] int32
@@ -56,12 +60,13 @@ def paged_decode(query: torch.Tensor,  # [num_tokens, num_heads, head_dim] fp32
     """Attention of the decode rows (one query token each). Call `supports` first."""
     lib = _library()
     assert lib is not None, "call supports() first"
-    fn = lib.pagedserve_paged_decode_f32
+    fn = getattr(lib, f"pagedserve_paged_decode_{_SUFFIXES[query.dtype]}")
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
     if query.stride(2) != 1 or query.stride(1) != head_dim:
         query = query.contiguous()
-    assert out.dtype == torch.float32 and out.stride(2) == 1 and out.stride(1) == head_dim
+    assert out.dtype == query.dtype == key_cache.dtype == value_cache.dtype
+    assert out.stride(2) == 1 and out.stride(1) == head_dim
     assert out.shape == query.shape, (out.shape, query.shape)
     block_table = block_table.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()

@@ -1,8 +1,9 @@
 """A whole decode step of a Llama-family decoder on CPU through kernels/csrc/decoder_cpu.cpp: all
 layers (norms, GEMMs from kernels.cpu_linear's packed copies, q/k norm, rotary, the KV cache
-write, decode attention, SiLU-and-mul) and the final norm in one call, fp32, for batches of a
-few decodes. `DecoderTensors` checks a model's tensors once and keeps the table of their
-addresses; `decode_step` runs a step over it.
+write, decode attention, SiLU-and-mul) and the final norm in one call, for batches of a few
+decodes, in fp32 or in bf16 (every tensor of a model in one dtype; fp32 sums).
+`DecoderTensors` checks a model's tensors once and keeps the table of their addresses;
+`decode_step` runs a step over it.
 """
 
 from __future__ import annotations
@@ -13,17 +14,19 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kernels import native
+from kernels import cpu_linear, native
 from kernels.native import F32, I32, I64, PTR
 
 _NAME = "decoder_cpu"
-_SIGNATURES = {"pagedserve_decode_step_f32": (
+_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+DTYPES = tuple(_SUFFIXES)
+_SIGNATURES = {f"pagedserve_decode_step_{suffix}": (
     [PTR, PTR, PTR, PTR, PTR,  # embeddings, cos, sin, layer table, final norm
      PTR, PTR, I64, PTR, PTR,  # slots, block_table, its stride, seq_lens, out
      I64, I64, I64, I64, I64, I64, I64,  # rows, layers, hidden, heads, kv heads, head_dim, inter
      I64, I64, I64, I64,  # num_blocks, block_size, stride_block, stride_slot
      F32, F32, I32, I32],  # eps, scale, sliding_window, num_threads
-    ctypes.c_int)}
+    ctypes.c_int) for suffix in _SUFFIXES.values()}
 
 
 @dataclass(frozen=True)
@@ -58,14 +61,12 @@ def available() -> bool:
     return _library() is not None
 
 
-def _packed_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
-    return (-(-out_features // 16), in_features, 16)
 
 
 class DecoderTensors:
     """The tensors of every layer, checked once (dtype, device, contiguity, shapes), and the
     [num_layers, len(LAYER_COLUMNS)] table of their addresses. Holds the tensors, so the
-    addresses stay valid while it lives."""
+    addresses stay valid while it lives. The final norm's dtype is the step's."""
 
     def __init__(self, layers: Sequence[LayerTensors], final_norm: torch.Tensor, *,
                  num_heads: int, num_kv_heads: int, head_dim: int, eps: float) -> None:
@@ -74,8 +75,14 @@ class DecoderTensors:
         self.num_heads, self.num_kv_heads, self.head_dim, self.eps = (num_heads, num_kv_heads,
                                                                       head_dim, eps)
         hidden = final_norm.shape[0]
-        self.hidden = hidden
-        self.intermediate = layers[0].down.shape[1]
+        self.hidden, self.dtype = hidden, final_norm.dtype
+        assert self.dtype in DTYPES, self.dtype
+        dtype = self.dtype
+
+        def packed(out_features: int, in_features: int) -> tuple[int, ...]:
+            return cpu_linear.packed_shape(out_features, in_features, dtype)
+
+        self.intermediate = layers[0].down[0].numel() // 16  # down's inputs, in either layout
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.cache_shape = layers[0].key_cache.shape
         self.cache_stride = layers[0].key_cache.stride()
@@ -84,12 +91,12 @@ class DecoderTensors:
                 and self.cache_stride[1] == num_kv_heads * head_dim)
         shapes = {
             "input_norm": (hidden,), "post_norm": (hidden,),
-            "qkv": _packed_shape(q_size + 2 * kv_size, hidden),
+            "qkv": packed(q_size + 2 * kv_size, hidden),
             "qkv_bias": (q_size + 2 * kv_size,), "q_norm": (head_dim,), "k_norm": (head_dim,),
-            "o": _packed_shape(hidden, q_size), "o_bias": (hidden,),
-            "gate_up": _packed_shape(2 * self.intermediate, hidden),
+            "o": packed(hidden, q_size), "o_bias": (hidden,),
+            "gate_up": packed(2 * self.intermediate, hidden),
             "gate_up_bias": (2 * self.intermediate,),
-            "down": _packed_shape(hidden, self.intermediate), "down_bias": (hidden,),
+            "down": packed(hidden, self.intermediate), "down_bias": (hidden,),
         }
         self._check(final_norm, (hidden,), "final_norm")
         table = torch.zeros((len(layers), len(LAYER_COLUMNS)), dtype=torch.int64)
@@ -101,15 +108,14 @@ class DecoderTensors:
                     continue
                 if name in ("key_cache", "value_cache"):
                     assert t.shape == self.cache_shape and t.stride() == self.cache_stride, name
-                    assert t.dtype == torch.float32 and t.device.type == "cpu", name
+                    assert t.dtype == dtype and t.device.type == "cpu", name
                 else:
                     self._check(t, shapes[name], name)
                 table[i, j] = t.data_ptr()
         self.table = table
 
-    @staticmethod
-    def _check(t: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
-        assert t.dtype == torch.float32 and t.device.type == "cpu", name
+    def _check(self, t: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
+        assert t.dtype == self.dtype and t.device.type == "cpu", (name, t.dtype)
         assert t.is_contiguous() and tuple(t.shape) == shape, (name, tuple(t.shape), shape)
 
 
@@ -128,7 +134,7 @@ def decode_step(weights: DecoderTensors, embeddings: torch.Tensor,  # [rows, hid
     head_dim = weights.head_dim
     cos, sin = cos.reshape(rows, head_dim), sin.reshape(rows, head_dim)
     for t in (embeddings, cos, sin):
-        assert t.dtype == torch.float32 and t.is_contiguous(), "fp32, contiguous"
+        assert t.dtype == weights.dtype and t.is_contiguous(), "the weights' dtype, contiguous"
     assert embeddings.shape == (rows, weights.hidden)
     slot_mapping = slot_mapping.to(torch.int64).contiguous()
     block_table = block_table.to(torch.int32).contiguous()
@@ -137,7 +143,8 @@ def decode_step(weights: DecoderTensors, embeddings: torch.Tensor,  # [rows, hid
     assert block_table.dim() == 2 and block_table.shape[0] == rows
     out = torch.empty_like(embeddings)
     num_blocks, block_size = weights.cache_shape[0], weights.cache_shape[1]
-    status = lib.pagedserve_decode_step_f32(
+    step = getattr(lib, f"pagedserve_decode_step_{_SUFFIXES[weights.dtype]}")
+    status = step(
         embeddings.data_ptr(), cos.data_ptr(), sin.data_ptr(), weights.table.data_ptr(),
         weights.final_norm.data_ptr(), slot_mapping.data_ptr(), block_table.data_ptr(),
         block_table.shape[1], seq_lens.data_ptr(), out.data_ptr(), rows, len(weights.layers),

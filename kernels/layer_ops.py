@@ -1,7 +1,7 @@
 """The element-wise steps of a decoder layer (RMSNorm with the residual add, SiLU-and-mul,
 rotary), one entry point each. `backend` as for attention (kernels/__init__.py): "auto" and
-"cpu" run fp32 CPU rows through kernels.cpu_fused where it is built and takes the tensors,
-everything else (and "torch", "triton") through kernels.reference."""
+"cpu" run fp32 and bf16 CPU rows through kernels.cpu_fused where it is built and takes the
+tensors, everything else (and "torch", "triton") through kernels.reference."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from kernels import cpu_fused, reference
 _FUSED = ("auto", "cpu")
 
 
-def _fused(backend: str, *tensors: torch.Tensor) -> bool:
-    return (backend in _FUSED and cpu_fused.available()
+def _fused(backend: str, *tensors: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    dtypes = {t.dtype for t in tensors} | ({weight.dtype} if weight is not None else set())
+    return (backend in _FUSED and len(dtypes) == 1 and cpu_fused.available()
             and all(cpu_fused.supports(t) for t in tensors))
 
 
@@ -21,9 +22,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """RMSNorm(x), or with `residual`: residual += x in place, then RMSNorm(residual)."""
     if residual is None:
-        if _fused(backend, x):
+        if _fused(backend, x, weight=weight):
             return cpu_fused.add_rms_norm(None, x, weight, eps)
-    elif _fused(backend, x, residual):
+    elif _fused(backend, x, residual, weight=weight):
         return cpu_fused.add_rms_norm(x, residual, weight, eps)
     return reference.rms_norm(x, weight, eps, residual)
 

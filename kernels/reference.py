@@ -91,10 +91,11 @@ def rotary(
     cos: torch.Tensor,  # [num_tokens, 1, head_dim]
     sin: torch.Tensor,  # [num_tokens, 1, head_dim]
 ) -> torch.Tensor:
-    """Half-split rotary embedding (a new tensor; the kernels may rotate x in place)."""
+    """Half-split rotary embedding (a new tensor; the kernels may rotate x in place). Two
+    products and a sum, each rounded to x's dtype, as transformers computes it."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return torch.addcmul(x * cos, rotated, sin)
+    return x * cos + rotated * sin
 
 
 _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # [byte, bit]

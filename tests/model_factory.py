@@ -26,23 +26,29 @@ def make_tiny_model(out_dir: Path, arch: str, seed: int = 0, dtype: str = "float
 
 def hf_greedy(model_dir: Path, prompt_token_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy continuation by transformers itself, one prompt at a time, no stopping."""
-    model = _hf_model(model_dir)
-    ids = list(prompt_token_ids)
+    return hf_greedy_logits(model_dir, prompt_token_ids, max_new_tokens)[0]
+
+
+def hf_greedy_logits(model_dir: Path, prompt_token_ids: list[int], max_new_tokens: int,
+                     dtype: torch.dtype = torch.float32) -> tuple[list[int], list[torch.Tensor]]:
+    """hf_greedy with the model in `dtype`, and the last position's logits of every step."""
+    model = _hf_model(model_dir, dtype)
+    ids, logits = list(prompt_token_ids), []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits
-            ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt_token_ids):]
+            logits.append(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1])
+            ids.append(int(logits[-1].argmax()))
+    return ids[len(prompt_token_ids):], logits
 
 
-_HF_CACHE: dict[str, object] = {}
+_HF_CACHE: dict[tuple[str, torch.dtype], object] = {}
 
 
-def _hf_model(model_dir: Path):
+def _hf_model(model_dir: Path, dtype: torch.dtype = torch.float32):
     import transformers
 
-    key = str(model_dir)
+    key = (str(model_dir), dtype)
     if key not in _HF_CACHE:
         _HF_CACHE[key] = transformers.AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32).eval()
+            model_dir, dtype=dtype).eval()
     return _HF_CACHE[key]

@@ -1,11 +1,15 @@
-// The element-wise steps of a decoder layer, one fp32 row at a time: residual add + RMSNorm,
-// SiLU-and-mul, half-split rotary. Used by fused_cpu.cpp and decoder_cpu.cpp.
+// The element-wise steps of a decoder layer, one row at a time: residual add + RMSNorm,
+// SiLU-and-mul, half-split rotary, in fp32 and in bf16. The bf16 rows compute in fp32 and
+// round to bf16 wherever transformers' bf16 modules do (after the residual add, the normed
+// value before its weight, each product and sum of the rotary, SiLU before its product), so
+// they give the bits of the torch code they replace. Used by fused_cpu.cpp and decoder_cpu.cpp.
 
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
+#include "bf16.h"
 #include "simd.h"
 
 namespace pagedserve {
@@ -51,6 +55,52 @@ inline void rotary_row(float* x, const float* __restrict c, const float* __restr
       const float a = lo[j], b = hi[j];
       lo[j] = a * c[j] - b * s[j];
       hi[j] = b * c[j + half] + a * s[j + half];
+    }
+  }
+}
+
+inline void rms_norm_row(const bf16* in, const bf16* __restrict weight, bf16* out,
+                         int64_t cols, float eps) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < cols; ++j) sum += to_f32(in[j]) * to_f32(in[j]);
+  const float inv = 1.0f / std::sqrt(sum / static_cast<float>(cols) + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j)
+    out[j] = f32_to_bf16(to_f32(weight[j]) * round_bf16(to_f32(in[j]) * inv));
+}
+
+inline void add_rms_norm_row(const bf16* __restrict x, bf16* __restrict h,
+                             const bf16* __restrict weight, bf16* __restrict out, int64_t cols,
+                             float eps) {
+  if (x != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) h[j] = f32_to_bf16(to_f32(h[j]) + to_f32(x[j]));
+  }
+  rms_norm_row(h, weight, out, cols, eps);
+}
+
+inline void silu_and_mul_row(const bf16* __restrict gate, const bf16* __restrict up,
+                             bf16* __restrict out, int64_t cols) {
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) {
+    const float g = to_f32(gate[j]);
+    out[j] = f32_to_bf16(round_bf16(g / (1.0f + exp_clamped(-g))) * to_f32(up[j]));
+  }
+}
+
+inline void rotary_row(bf16* x, const bf16* __restrict c, const bf16* __restrict s, int heads,
+                       int head_dim) {
+  const int half = head_dim / 2;
+  for (int h = 0; h < heads; ++h) {
+    bf16* __restrict lo = x + static_cast<int64_t>(h) * head_dim;
+    bf16* __restrict hi = lo + half;
+#pragma omp simd
+    for (int j = 0; j < half; ++j) {
+      const float a = to_f32(lo[j]), b = to_f32(hi[j]);
+      lo[j] = f32_to_bf16(round_bf16(a * to_f32(c[j])) - round_bf16(b * to_f32(s[j])));
+      hi[j] = f32_to_bf16(round_bf16(b * to_f32(c[j + half]))
+                          + round_bf16(a * to_f32(s[j + half])));
     }
   }
 }

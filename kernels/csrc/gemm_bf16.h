@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16.h"
 #include "gemm.h"
 #include "simd.h"
 
@@ -19,21 +20,6 @@
 #endif
 
 namespace pagedserve {
-
-inline float bf16_to_f32(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays a (quiet) NaN
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 namespace gemm_bf16_detail {
 

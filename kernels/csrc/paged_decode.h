@@ -1,7 +1,8 @@
-// Decode attention of one query token over its sequence's paged K/V, fp32, for a range of kv
-// heads (`attend`): scores 16 tokens per vector where head_dim allows (pass 1), softmax in
-// place, then the value sum (pass 2); K and V are each read once, in place through the block
-// table. Used by paged_decode_cpu.cpp and decoder_cpu.cpp.
+// Decode attention of one query token over its sequence's paged K/V, for a range of kv heads
+// (`attend`): scores 16 tokens per vector where head_dim allows (pass 1), softmax in place,
+// then the value sum (pass 2); K and V are each read once, in place through the block table.
+// Query, cache and output are all fp32 or all bf16 (T); the sums are fp32 either way, and a
+// bf16 output is rounded once. Used by paged_decode_cpu.cpp and decoder_cpu.cpp.
 //
 // Cache layout: [num_blocks, block_size, num_kv_heads, head_dim], the last dim contiguous.
 
@@ -14,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
 #include "simd.h"
 
 namespace pagedserve {
@@ -50,34 +52,36 @@ inline v16 sum_each(v16 p[16]) {
 // works on the current block: the hardware prefetchers alone start over at every block and
 // left the kernel reading DRAM at ~13 GB/s where a plain loop over the same blocks reads ~20.
 struct BlockPrefetch {
-  const float* base = nullptr;  // the block's first row at the task's first kv head
-  int64_t stride_slot = 0;
+  const char* base = nullptr;  // the block's first row at the task's first kv head
+  int64_t stride_slot = 0;     // bytes
   int row_lines = 0, lines = 0, line = 0;
 
-  void start(const float* block, int64_t stride, int row_floats, int rows) {
-    base = block;
-    stride_slot = stride;
-    row_lines = (row_floats + 15) / 16;
+  template <typename T>
+  void start(const T* block, int64_t stride, int row_elements, int rows) {
+    base = reinterpret_cast<const char*>(block);
+    stride_slot = stride * static_cast<int64_t>(sizeof(T));
+    row_lines = (row_elements * static_cast<int>(sizeof(T)) + 63) / 64;
     lines = rows * row_lines;
     line = 0;
   }
   void step(int count) {
     for (int c = 0; c < count && line < lines; ++c, ++line)
-      __builtin_prefetch(base + line / row_lines * stride_slot + line % row_lines * 16, 0, 2);
+      __builtin_prefetch(base + line / row_lines * stride_slot + line % row_lines * 64, 0, 2);
   }
 };
 
 // scores[h * n + j] = scale * q_h . k_j for `count` (<= 16) consecutive token rows k_j (row
-// stride `stride_slot`, kv head h / G at offset (h / G) * D); D a multiple of 16.
-inline void score_16_tokens(const float* k, int64_t stride_slot, int count, const float* q,
-                            int nh, int G, int D, float scale, float* scores, int n,
+// stride `stride_slot`, kv head h / G at offset (h / G) * D); D a multiple of 16; q in fp32.
+template <typename T>
+inline void score_16_tokens(const T* k, int64_t stride_slot, int count, const float* q, int nh,
+                            int G, int D, float scale, float* scores, int n,
                             BlockPrefetch& prefetch) {
   for (int h = 0; h < nh; ++h) {
     const float* __restrict qh = q + h * D;
     const int64_t kv = static_cast<int64_t>(h / G) * D;
     v16 part[16];
     for (int j = 0; j < count; ++j) {
-      const float* __restrict kj = k + j * stride_slot + kv;
+      const T* __restrict kj = k + j * stride_slot + kv;
       v16 acc = load16(qh) * load16(kj);
       for (int c = 16; c < D; c += 16) acc += load16(qh + c) * load16(kj + c);
       part[j] = acc;
@@ -89,13 +93,29 @@ inline void score_16_tokens(const float* k, int64_t stride_slot, int count, cons
   }
 }
 
+// acc[0, D) += p * v[0, D)
+inline void add_scaled(float* __restrict acc, float p, const float* __restrict v, int D) {
+#pragma omp simd
+  for (int d = 0; d < D; ++d) acc[d] += p * v[d];
+}
+
+inline void add_scaled(float* __restrict acc, float p, const bf16* __restrict v, int D) {
+  int d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const v16 sum = load16(acc + d) + p * load16(v + d);
+    std::memcpy(acc + d, &sum, sizeof sum);
+  }
+  for (; d < D; ++d) acc[d] += p * to_f32(v[d]);
+}
+
+template <typename T>
 struct Args {
-  const float* query;  // [num_tokens, num_heads, head_dim]
+  const T* query;  // [num_tokens, num_heads, head_dim]
   int64_t stride_query;
-  float* out;  // [num_tokens, num_heads, head_dim]
+  T* out;  // [num_tokens, num_heads, head_dim]
   int64_t stride_out;
-  const float* key_cache;
-  const float* value_cache;
+  const T* key_cache;
+  const T* value_cache;
   int64_t stride_block;  // elements between blocks (same for K and V)
   int64_t stride_slot;   // elements between the tokens of a block
   const int32_t* block_table;  // [num_seqs, max_blocks]
@@ -111,8 +131,8 @@ struct Args {
 // One task: decode `decode`, kv heads [kv_lo, kv_hi). Tokens are the outer loop, so a block's
 // rows (all kv heads of a token side by side) are read front to back.
 // HEAD_DIM > 0: the head size as a compile-time constant; 0: `head_dim` at run time.
-template <int HEAD_DIM>
-inline void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head_dim,
+template <int HEAD_DIM, typename T>
+inline void attend(const Args<T>& a, int64_t decode, int kv_lo, int kv_hi, int head_dim,
                    std::vector<float>& scratch) {
   const int D = HEAD_DIM > 0 ? HEAD_DIM : head_dim;
   const int G = a.num_heads / a.num_kv_heads;
@@ -123,14 +143,17 @@ inline void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head
                         ? seq_len - a.sliding_window : 0;
   const int n = seq_len - first;
   if (n <= 0) return;
-  scratch.resize(static_cast<size_t>(nh) * n + static_cast<size_t>(nh) * D);
+  scratch.resize(static_cast<size_t>(nh) * n + 2 * static_cast<size_t>(nh) * D + nh);
   float* __restrict scores = scratch.data();  // [nh, n]
   float* __restrict acc = scores + static_cast<size_t>(nh) * n;  // [nh, D]
+  float* __restrict q = acc + static_cast<size_t>(nh) * D;       // [nh, D] the query, fp32
+  float* __restrict inv_sum = q + static_cast<size_t>(nh) * D;   // [nh]
   const int64_t head_offset = static_cast<int64_t>(kv_lo) * D;
-  const float* __restrict q = a.query + a.rows[decode] * a.stride_query + head_offset * G;
+  const T* query = a.query + a.rows[decode] * a.stride_query + head_offset * G;
+  for (int i = 0; i < nh * D; ++i) q[i] = to_f32(query[i]);
   const int32_t* table = a.block_table + seq * a.stride_table;
 
-  const int row_floats = (kv_hi - kv_lo) * D;
+  const int row_elements = (kv_hi - kv_lo) * D;
   const int t_first = first - first % a.block_size;
   const int last_block = (seq_len - 1) / a.block_size;
   BlockPrefetch prefetch;
@@ -144,7 +167,7 @@ inline void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head
                                         : table[t_first / a.block_size] * a.stride_block
                                               + head_offset;  // then pass 2's first block
     prefetch.start((b < last_block ? a.key_cache : a.value_cache) + next, a.stride_slot,
-                   row_floats, a.block_size);
+                   row_elements, a.block_size);
     if (D % 16 == 0) {
       for (int g0 = lo; g0 < hi; g0 += 16)
         score_16_tokens(a.key_cache + base + (g0 - t0) * a.stride_slot, a.stride_slot,
@@ -153,14 +176,14 @@ inline void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head
       continue;
     }
     for (int t = lo; t < hi; ++t) {
-      const float* __restrict k = a.key_cache + base + (t - t0) * a.stride_slot;
+      const T* __restrict k = a.key_cache + base + (t - t0) * a.stride_slot;
       prefetch.step(2 * nh);
       for (int h = 0; h < nh; ++h) {
         const float* __restrict qh = q + h * D;
-        const float* __restrict kh = k + (h / G) * D;
+        const T* __restrict kh = k + (h / G) * D;
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-        for (int d = 0; d < D; ++d) s += qh[d] * kh[d];
+        for (int d = 0; d < D; ++d) s += qh[d] * to_f32(kh[d]);
         scores[static_cast<size_t>(h) * n + (t - first)] = s * a.scale;
       }
     }
@@ -177,10 +200,8 @@ inline void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head
       row[t] = p;
       sum += p;
     }
-    acc[h * D] = 1.0f / sum;  // parked until pass 2 starts
+    inv_sum[h] = 1.0f / sum;
   }
-  float* __restrict o = a.out + a.rows[decode] * a.stride_out + head_offset * G;
-  for (int h = 0; h < nh; ++h) o[h * D] = acc[h * D];
   // Pass 2: acc[h] = sum_t p[h, t] v_t
   std::memset(acc, 0, sizeof(float) * nh * D);
   for (int t0 = t_first; t0 < seq_len; t0 += a.block_size) {
@@ -190,23 +211,19 @@ inline void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head
     const int hi = t0 + a.block_size < seq_len ? t0 + a.block_size : seq_len;
     if (b < last_block)
       prefetch.start(a.value_cache + table[b + 1] * a.stride_block + head_offset, a.stride_slot,
-                     row_floats, a.block_size);
+                     row_elements, a.block_size);
     for (int t = lo; t < hi; ++t) {
       prefetch.step(2 * nh);
-      const float* __restrict v = a.value_cache + base + (t - t0) * a.stride_slot;
-      for (int h = 0; h < nh; ++h) {
-        const float p = scores[static_cast<size_t>(h) * n + (t - first)];
-        const float* __restrict vh = v + (h / G) * D;
-        float* __restrict ah = acc + h * D;
-#pragma omp simd
-        for (int d = 0; d < D; ++d) ah[d] += p * vh[d];
-      }
+      const T* __restrict v = a.value_cache + base + (t - t0) * a.stride_slot;
+      for (int h = 0; h < nh; ++h)
+        add_scaled(acc + h * D, scores[static_cast<size_t>(h) * n + (t - first)],
+                   v + (h / G) * D, D);
     }
   }
+  T* __restrict o = a.out + a.rows[decode] * a.stride_out + head_offset * G;
   for (int h = 0; h < nh; ++h) {
-    const float inv_sum = o[h * D];
 #pragma omp simd
-    for (int d = 0; d < D; ++d) o[h * D + d] = acc[h * D + d] * inv_sum;
+    for (int d = 0; d < D; ++d) o[h * D + d] = from_f32<T>(acc[h * D + d] * inv_sum[h]);
   }
 }
 
@@ -214,8 +231,8 @@ inline void attend(const Args& a, int64_t decode, int kv_lo, int kv_hi, int head
 // (an orphaned `omp for`, barrier at the end): one task per decode when there are enough of
 // them to keep the threads busy (a token's K/V rows read front to back), one per (decode, kv
 // head) otherwise.
-template <int HEAD_DIM>
-inline void attend_all_for(const Args& a, int64_t num_decodes, int head_dim,
+template <int HEAD_DIM, typename T>
+inline void attend_all_for(const Args<T>& a, int64_t num_decodes, int head_dim,
                            std::vector<float>& scratch) {
   const int split = num_decodes >= 4 * omp_get_num_threads() ? 1 : a.num_kv_heads;
   const int per_task = a.num_kv_heads / split;

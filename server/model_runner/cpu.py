@@ -41,7 +41,7 @@ def choose_kernels(config: ModelConfig, device: torch.device, dtype: torch.dtype
         return KernelChoice("triton" if asked == "auto" else asked, "torch", native=False)
     native = asked in ("auto", "cpu")
     attention = ("cpu" if cpu_attention.available() else "torch") if native else asked
-    fused = native and dtype == torch.float32 and cpu_fused.available()
+    fused = native and dtype in cpu_fused.DTYPES and cpu_fused.available()
     return KernelChoice(attention, "cpu" if fused else "torch", native)
 
 
@@ -66,8 +66,8 @@ def _not_compiled_because(model: CausalLM, export: DecoderExport | None) -> str 
     if not export.layers:
         return "the model has no layers"
     weight = export.embed_tokens.weight
-    if weight.dtype != torch.float32 or weight.device.type != "cpu":
-        return "it computes in fp32 on CPU only"
+    if weight.dtype not in cpu_decoder.DTYPES or weight.device.type != "cpu":
+        return f"it computes in fp32 or bf16 on CPU only, not {weight.dtype} on {weight.device}"
     if any(m.packed is None or m.packed.own_rows == 0
            for layer in export.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)):
         return ("not every projection runs 1 row on the compiled GEMM (where it measured "

@@ -1,5 +1,6 @@
 """The compiled CPU decode kernel (kernels/cpu_attention.py, what backend="cpu" runs for fp32
-decodes) against kernels.reference, and the build-and-cache machinery of kernels/native.py."""
+and bf16 decodes) against kernels.reference, and the build-and-cache machinery of
+kernels/native.py."""
 
 from __future__ import annotations
 
@@ -37,19 +38,21 @@ def test_kernel_builds_here():
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_decodes", [1, 3, 13])  # tasks per kv head, and whole decodes
 @pytest.mark.parametrize("head_dim,group,block_size,window", [
     (64, 3, 16, None), (128, 1, 32, 40), (80, 4, 16, 9), (32, 8, 16, None), (48, 2, 32, 17),
     (40, 2, 16, 21)])
-def test_decodes_run_in_the_kernel(num_decodes, head_dim, group, block_size, window,
+def test_decodes_run_in_the_kernel(dtype, num_decodes, head_dim, group, block_size, window,
                                    native_only, assert_close):
     """Head dims with a compiled specialisation (32, 64, 128) and without (40, 48, 80; 40 is no
-    multiple of 16: per-token dot products instead of 16 tokens per vector), windows shorter and
-    longer than a block, lengths from 1 to several blocks."""
+    multiple of 16: per-token dot products instead of 16 tokens per vector, and for bf16 a
+    value row summed partly by vectors, partly one by one), windows shorter and longer than a
+    block, lengths from 1 to several blocks."""
     lengths = [1, block_size - 1, block_size, block_size + 1, 5 * block_size + 3, 70, 2, 33]
     seqs = [(lengths[i % len(lengths)] - 1, 1) for i in range(num_decodes)]
     batch = make_batch(seqs, num_kv_heads=2, group=group, head_dim=head_dim,
-                       block_size=block_size, dtype=torch.float32, seed=num_decodes + head_dim)
+                       block_size=block_size, dtype=dtype, seed=num_decodes + head_dim)
     out = torch.full_like(batch.query, float("nan"))
     kernels.paged_attention(*batch.args(), out=out, sliding_window=window, backend="cpu")
     assert_close(out, reference.paged_attention(*batch.args(), sliding_window=window))
@@ -86,9 +89,9 @@ def test_plan_from_the_runner_entry_point_is_native(native_only, assert_close):
 
 @needs_compiler
 def test_unsupported_tensors_take_the_torch_path(assert_close):
-    """bf16, or an `out` whose heads are not contiguous: the plan's torch gather runs."""
+    """fp16, or an `out` whose heads are not contiguous: the plan's torch gather runs."""
     batch = make_batch(batch_seqs("decode", 16), num_kv_heads=2, group=2, head_dim=64,
-                       block_size=16, dtype=torch.bfloat16, seed=2)
+                       block_size=16, dtype=torch.float16, seed=2)
     assert not cpu_attention.supports(*batch.args()[:3])
     assert_close(kernels.paged_attention(*batch.args(), backend="cpu"),
                  reference.paged_attention(*batch.args()))

@@ -1,7 +1,9 @@
 """kernels.cpu_decoder (kernels/csrc/decoder_cpu.cpp), run as the model runner's compiled decode
 step (server/model_runner/cpu.py) over a model's export_decoder, against the model's own
 layer-by-layer forward, for Llama, Qwen2 (qkv bias), Qwen3 (q/k norm) and Mistral (sliding
-window) shapes, GQA and head sizes with and without a compiled-in size."""
+window) shapes, GQA and head sizes with and without a compiled-in size, in fp32 and in bf16
+(where the layers and the step round at the same points and run the same GEMM tiles: the same
+bits)."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ CPU = KernelChoice("cpu", "cpu", native=True)
 
 def make_model(arch: str = "LlamaForCausalLM", head_dim: int = 16, heads: int = 4,
                kv_heads: int = 2, layers: int = 2, sliding_window: int | None = None,
-               seed: int = 0) -> CausalLM:
+               seed: int = 0, dtype: torch.dtype = torch.float32) -> CausalLM:
     raw = {"architectures": [arch], "vocab_size": 50, "hidden_size": 48,
            "intermediate_size": 40, "num_hidden_layers": layers, "num_attention_heads": heads,
            "num_key_value_heads": kv_heads, "head_dim": head_dim, "rms_norm_eps": 1e-5,
@@ -42,8 +44,8 @@ def make_model(arch: str = "LlamaForCausalLM", head_dim: int = 16, heads: int = 
     if sliding_window is not None:
         raw["sliding_window"] = sliding_window
     torch.manual_seed(seed)
-    model = resolve_model_class(arch)(parse_arch_config(raw),
-                                      ModelOptions(max_position=256, kernel_backend="cpu"))
+    model = resolve_model_class(arch)(parse_arch_config(raw), ModelOptions(
+        max_position=256, dtype=dtype, kernel_backend="cpu"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -61,7 +63,8 @@ def make_step(model: CausalLM, seq_lens: list[int], seed: int = 1, backend: str 
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     shape = (NUM_BLOCKS, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
-    caches = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    dtype = model.model.norm.weight.dtype
+    caches = [(torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype))
               for _ in range(cfg.num_layers)]
     width = max(-(-n // BLOCK_SIZE) for n in seq_lens)
     blocks = torch.randperm(NUM_BLOCKS, generator=g)
@@ -103,6 +106,11 @@ def both_paths(model, input_ids, positions, caches, md):
 
 def assert_same(results):
     (expected, expected_caches), (got, got_caches) = results
+    if expected.dtype == torch.bfloat16:
+        assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+        assert all(torch.equal(gk, ek) and torch.equal(gv, ev)
+                   for (ek, ev), (gk, gv) in zip(expected_caches, got_caches))
+        return
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     for (ek, ev), (gk, gv) in zip(expected_caches, got_caches):
         torch.testing.assert_close(gk, ek, rtol=1e-5, atol=1e-5)
@@ -113,23 +121,29 @@ def test_kernel_builds():
     assert cpu_decoder.available()
 
 
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
 @pytest.mark.parametrize("seq_lens", [[1], [9], [5, 17, 2], [3, 30, 8, 1, 12, 4, 21, 16],
                                       [(7 * i) % 23 + 1 for i in range(40)]])
-def test_matches_the_layer_by_layer_forward(arch, seq_lens):
+def test_matches_the_layer_by_layer_forward(arch, seq_lens, dtype):
     """1-3 rows: attention per (row, kv head); 8 and 40: per row; 40 rows: GEMM row passes."""
-    model = make_model(arch)
+    model = make_model(arch, dtype=dtype)
     assert_same(both_paths(model, *make_step(model, seq_lens)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 2, 1), (24, 3, 3), (128, 2, 2)])
-def test_head_sizes(head_dim, heads, kv_heads):
-    model = make_model(head_dim=head_dim, heads=heads, kv_heads=kv_heads, layers=1)
+def test_head_sizes(head_dim, heads, kv_heads, dtype):
+    model = make_model(head_dim=head_dim, heads=heads, kv_heads=kv_heads, layers=1, dtype=dtype)
     assert_same(both_paths(model, *make_step(model, [7, 19])))
 
 
-def test_sliding_window():
-    model = make_model("MistralForCausalLM", sliding_window=6)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sliding_window(dtype):
+    model = make_model("MistralForCausalLM", sliding_window=6, dtype=dtype)
     assert model.config.sliding_window == 6
     assert_same(both_paths(model, *make_step(model, [3, 6, 7, 25])))
 

@@ -1,4 +1,5 @@
-"""kernels.cpu_fused (kernels/csrc/fused_cpu.cpp) against the torch code it replaces."""
+"""kernels.cpu_fused (kernels/csrc/fused_cpu.cpp) against the torch code it replaces, fp32 and
+bf16."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_fused
+from kernels import cpu_fused, reference
 from kernels.reference import rotary as rotate
 from server.models.layers.rotary import RotaryEmbedding
 from tests.kernels.test_cpu_attention import needs_compiler
@@ -70,8 +71,46 @@ def test_rotary_in_place(rows, heads, head_dim):
     assert torch.equal(qkv[:, heads * head_dim:], v_before)
 
 
-def test_supports_only_fp32_rows():
+def assert_bf16_matches(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """The bits of the torch code (kernels.reference, as transformers rounds), but for fp32
+    sums taken in another order (and another exp) now and then rounding the other way: one
+    bf16 step at most, in at most 0.1% of the values (and below 1e-30, where the exp clamps,
+    anything that small)."""
+    assert out.dtype == expected.dtype == torch.bfloat16 and out.shape == expected.shape
+    a, b = out.float(), expected.float()
+    step = (b.abs() * 2.0 ** -7).clamp(min=1e-30)  # >= one bf16 ulp at b
+    assert ((a - b).abs() <= step).all(), (a - b).abs().max()
+    assert ((a - b).abs() > 1e-30).float().mean() <= 1e-3
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+def test_bf16_rows_round_as_the_torch_code(rows, cols):
+    x = rows_view(rows, cols, 1, 3).bfloat16()
+    residual = rows_view(rows, cols, 2).bfloat16()
+    weight = torch.randn(cols).bfloat16()
+    expected_residual = residual.clone()
+    expected = reference.rms_norm(x, weight, 1e-6, expected_residual)
+    assert_bf16_matches(cpu_fused.add_rms_norm(x, residual, weight, 1e-6), expected)
+    assert torch.equal(residual, expected_residual)  # one rounding of the sum, as torch's add
+    assert_bf16_matches(cpu_fused.add_rms_norm(None, residual, weight, 1e-6),
+                        reference.rms_norm(residual, weight, 1e-6))
+    gate_up = rows_view(rows, 2 * cols, 3).bfloat16()
+    gate_up[0, :3] = torch.tensor([-100.0, 100.0, 0.0])
+    assert_bf16_matches(cpu_fused.silu_and_mul(gate_up), reference.silu_and_mul(gate_up))
+
+
+@pytest.mark.parametrize("rows,heads,head_dim", [(1, 3, 64), (130, 12, 128)])
+def test_bf16_rotary(rows, heads, head_dim):
+    cos, sin = RotaryEmbedding(head_dim, 4096, 10000.0).cos_sin(
+        torch.randint(0, 4096, (rows,)), torch.bfloat16)
+    qk = rows_view(rows, heads * head_dim, 4).bfloat16().view(rows, heads, head_dim)
+    expected = reference.rotary(qk.clone(), cos, sin)
+    assert_bf16_matches(cpu_fused.rotary_(qk, cos, sin), expected)
+
+
+def test_supports_fp32_and_bf16_rows():
     assert cpu_fused.supports(torch.zeros(2, 8))
-    assert not cpu_fused.supports(torch.zeros(2, 8, dtype=torch.bfloat16))
+    assert cpu_fused.supports(torch.zeros(2, 8, dtype=torch.bfloat16))
+    assert not cpu_fused.supports(torch.zeros(2, 8, dtype=torch.float16))
     assert not cpu_fused.supports(torch.zeros(8, 2).t())
     assert not cpu_fused.supports(torch.zeros(2, 2, 8))

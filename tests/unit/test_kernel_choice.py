@@ -27,8 +27,9 @@ def test_auto_on_cpu_takes_what_builds():
     assert choice.fused_ops == cpu_fused.available()
 
 
-def test_fused_ops_are_fp32_only():
-    assert not choose_kernels(ModelConfig(), CPU, torch.bfloat16).fused_ops
+def test_fused_ops_take_fp32_and_bf16():
+    assert choose_kernels(ModelConfig(), CPU, torch.bfloat16).fused_ops == cpu_fused.available()
+    assert not choose_kernels(ModelConfig(), CPU, torch.float16).fused_ops
 
 
 def test_cuda_takes_triton_and_no_cpu_path():

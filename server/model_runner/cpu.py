@@ -13,8 +13,11 @@ import torch
 
 from kernels import cpu_attention, cpu_decoder, cpu_fused
 from server.config import ModelConfig
+from server.model_runner import step_choice
 from server.models.attention_metadata import AttentionMetadata
 from server.models.base import CausalLM, DecoderExport, KVCache
+from server.models.layers import packed_gemm
+from server.models.layers.gemm_choice import bucket_bounds
 from server.models.layers.linear import Linear, pack_linear_weights
 from server.models.layers.packed_gemm import GemmPolicy, PackedWeight
 
@@ -68,25 +71,21 @@ def _not_compiled_because(model: CausalLM, export: DecoderExport | None) -> str 
     weight = export.embed_tokens.weight
     if weight.dtype not in cpu_decoder.DTYPES or weight.device.type != "cpu":
         return f"it computes in fp32 or bf16 on CPU only, not {weight.dtype} on {weight.device}"
-    if any(m.packed is None or m.packed.own_rows == 0
-           for layer in export.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)):
-        return ("not every projection runs 1 row on the compiled GEMM (where it measured "
-                "slower than the others, it does not; --cpu-gemm own forces it)")
+    if any(m.packed is None or m.packed.own is None for m in _projections(export)):
+        return ("not every projection has a copy for the compiled GEMM (made where the own "
+                "GEMM measured fastest at some row count; --cpu-gemm own forces it)")
     if not cpu_decoder.available():
         return "kernels.cpu_decoder did not build"
     return None
 
 
 class CompiledDecodeStep:
-    """Every layer of a decode-only step of 1..COMPILED_DECODE_ROWS rows in one
-    kernels.cpu_decoder call, over the model's exported weights and the runner's caches."""
+    """Every layer of a decode-only step of 1..max_rows rows in one kernels.cpu_decoder call,
+    over the model's exported weights and the runner's caches."""
 
-    def __init__(self, export: DecoderExport, kv_caches: list[KVCache]) -> None:
+    def __init__(self, export: DecoderExport, kv_caches: list[KVCache], max_rows: int) -> None:
         self.export = export
-        # As many rows as every projection's compiled GEMM measured faster at.
-        self.max_rows = min([COMPILED_DECODE_ROWS] + [
-            _packed(m).own_rows for layer in export.layers
-            for m in (layer.qkv, layer.o, layer.gate_up, layer.down)])
+        self.max_rows = max_rows
         layers = []
         for layer, (key_cache, value_cache) in zip(export.layers, kv_caches, strict=True):
             layers.append(cpu_decoder.LayerTensors(
@@ -129,8 +128,40 @@ def compiled_decode_step(model: CausalLM, config: ModelConfig, choice: KernelCho
     reason = _not_compiled_because(model, export)
     if reason is not None or export is None:
         return None, f"off ({reason})"
-    step = CompiledDecodeStep(export, kv_caches)
+    step = CompiledDecodeStep(export, kv_caches, COMPILED_DECODE_ROWS)
+    if packed_gemm.unmeasured():
+        step.max_rows = min([COMPILED_DECODE_ROWS]
+                            + [_packed(m).own_rows for m in _projections(export)])
+        if step.max_rows == 0:
+            return None, "off (the own GEMM does not take 1 row)"
+    else:
+        step.max_rows = _measured_rows(model, export, step, kv_caches, choice)
+        if step.max_rows == 0:
+            return None, "off (the layer-by-layer forward measured faster even at 1 row)"
     return step, f"on for decode-only steps of 1-{step.max_rows} sequences"
+
+
+def _measured_rows(model: CausalLM, export: DecoderExport, step: CompiledDecodeStep,
+                   kv_caches: list[KVCache], choice: KernelChoice) -> int:
+    num_blocks, block_size = kv_caches[0][0].shape[:2]
+    tables = sorted({f"{_packed(m).shape}: {_packed(m).table.describe()}"
+                     for m in _projections(export)})
+    shape = [str(export.final_norm.dtype), len(export.layers), export.final_norm.shape[0],
+             export.num_heads, export.num_kv_heads, export.head_dim,
+             step.tensors.intermediate, export.sliding_window]
+
+    def measure(rows: int) -> tuple[float, float]:
+        batch = step_choice.decode_batch(rows, num_blocks, block_size, export.sliding_window,
+                                         choice.attention_backend)
+        return step_choice.timings(step, lambda ids, pos, md: model(ids, pos, kv_caches, md),
+                                   batch)
+
+    return step_choice.measured_rows([*shape, tables], bucket_bounds(COMPILED_DECODE_ROWS),
+                                     measure)
+
+
+def _projections(export: DecoderExport) -> list[Linear]:
+    return [m for layer in export.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
 
 
 def _packed(module: Linear) -> PackedWeight:

@@ -30,7 +30,7 @@ def test_a_row_count_takes_its_bucket_or_the_last():
     table = GemmTable((1, 2, 4, 8), ("torch", "own", "own", "onednn"))
     assert [table.kind(r) for r in (1, 2, 3, 4, 5, 8, 9, 1000)] == [
         "torch", "own", "own", "own", "onednn", "onednn", "onednn", "onednn"]
-    assert table.own_rows == 0  # 1 row is torch's: the compiled decode step cannot take it
+    assert table.own_rows == 0  # 1 row is torch's
     assert GemmTable((1, 2, 4), ("own", "own", "mkl")).own_rows == 2
     assert table.describe() == "torch 1, own 2-4, onednn 5+"
     assert GemmTable.uniform("own", (1, 2)).describe() == "own 1+"
@@ -42,7 +42,7 @@ def test_each_bucket_takes_the_fastest_and_one_library_is_kept():
                "mkl": [2.0, 2.5, 4.5, 8.5], "onednn": [2.0, 2.2, 3.0, 8.0]}
     # oneDNN is kept (its times over the best sum least); MKL's never runs.
     assert choose(seconds, bounds).kinds == ("torch", "own", "onednn", "onednn")
-    # The own GEMM keeps a bucket within OWN_MARGIN (its range is the compiled step's).
+    # The own GEMM keeps a bucket within OWN_MARGIN (it is the compiled step's GEMM).
     assert choose({"own": [1.05], "torch": [1.0]}, (1,)).kinds == ("own",)
     assert choose({"own": [1.0 + 2 * OWN_MARGIN], "torch": [1.0]}, (1,)).kinds == ("torch",)
     # A tie goes to the own GEMM; without libraries only own and torch are left.

@@ -29,9 +29,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 KINDS = ("own", "onednn", "mkl", "torch")
-# The own GEMM keeps a bucket unless another kind is this much faster: its row range is also
-# where the compiled decode step may run, which saves the layer-by-layer dispatch that a
-# GEMM's timing does not see, and timings of the close pairs vary by ~10% between runs.
+# The own GEMM keeps a bucket unless another kind is this much faster: it is what the compiled
+# decode step runs (which saves the layer-by-layer dispatch that a GEMM's timing does not
+# see), and timings of the close pairs vary by ~10% between runs.
 OWN_MARGIN = 0.10
 LIBRARIES = ("mkl", "onednn")  # the prepacked copies: one of them is kept per weight
 
@@ -107,29 +107,26 @@ def choose(seconds: Mapping[str, Sequence[float]], bounds: tuple[int, ...]) -> G
 
 
 class TableCache:
-    """Measured tables on disk, one JSON object of key -> kinds; a file that cannot be read
-    counts as empty, and a failed write only costs the next start its measurement."""
+    """Measured choices on disk, one JSON object of key -> value (a table's kinds; the compiled
+    decode step's rows); a file that cannot be read counts as empty, and a failed write only
+    costs the next start its measurement."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def _read(self) -> dict[str, list[str]]:
+    def _read(self) -> dict[str, object]:
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
 
-    def get(self, key: str, bounds: tuple[int, ...]) -> GemmTable | None:
-        kinds = self._read().get(key)
-        if (not isinstance(kinds, list) or len(kinds) != len(bounds)
-                or not all(k in KINDS for k in kinds)):
-            return None
-        return GemmTable(bounds, tuple(kinds))
+    def value(self, key: str) -> object:
+        return self._read().get(key)
 
-    def put(self, key: str, table: GemmTable) -> None:
+    def store(self, key: str, value: object) -> None:
         data = self._read()
-        data[key] = list(table.kinds)
+        data[key] = value
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd, tmp = tempfile.mkstemp(suffix=".json", dir=self.path.parent)
@@ -137,4 +134,14 @@ class TableCache:
                 json.dump(data, f, indent=0, sort_keys=True)
             os.replace(tmp, self.path)  # readers never see half a file
         except OSError as e:
-            logger.warning("could not store the GEMM choice in %s: %s", self.path, e)
+            logger.warning("could not store a measured choice in %s: %s", self.path, e)
+
+    def get(self, key: str, bounds: tuple[int, ...]) -> GemmTable | None:
+        kinds = self.value(key)
+        if (not isinstance(kinds, list) or len(kinds) != len(bounds)
+                or not all(k in KINDS for k in kinds)):
+            return None
+        return GemmTable(bounds, tuple(kinds))
+
+    def put(self, key: str, table: GemmTable) -> None:
+        self.store(key, list(table.kinds))

@@ -6,7 +6,7 @@ call; for the few-row GEMMs of a decode step that repacking costs more than the 
 The copies, each checked against F.linear before use:
 
 - "own": kernels/cpu_linear.py's layout for the compiled tiles (fp32, and bf16 with fp32
-  sums), which the compiled decode step also reads (fp32);
+  sums), which the compiled decode step also reads;
 - "mkl": MKL's packed GEMM (`torch.ops.mkl._mkl_linear`, fp32). torch asks for the packing batch
   size to equal the GEMM's rows; MKL's packed layout does not depend on it (same size, same
   results for every row count we tried), so one copy serves every batch;
@@ -74,7 +74,8 @@ class PackedWeight:
 
     @property
     def own_rows(self) -> int:
-        """Rows 1..own_rows all run on the own copy (what the compiled decode step needs)."""
+        """Rows 1..own_rows all run on the own copy (the compiled decode step's rows when
+        nothing is measured)."""
         return self.table.own_rows if self.own is not None else 0
 
 
@@ -181,6 +182,12 @@ def _unmeasured_table(policy: GemmPolicy, own_rows: int, dtype: torch.dtype) -> 
     return GemmTable(policy.bounds, tuple(
         "own" if own and b <= own_rows else "torch" if b < PACKED_MIN_ROWS else library
         for b in policy.bounds))
+
+
+def unmeasured() -> bool:
+    """PAGEDSERVE_SMALL_GEMM_ROWS is set: the tables (and the compiled decode step's rows) are
+    fixed by it and nothing is timed (the tests, on any machine)."""
+    return os.environ.get("PAGEDSERVE_SMALL_GEMM_ROWS") is not None
 
 
 @functools.cache

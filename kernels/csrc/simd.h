@@ -49,4 +49,24 @@ inline float exp_clamped(float x) {
   return y * two_n;
 }
 
+// exp_clamped on 16 lanes at once (the same steps, so the same results).
+inline v16 exp16(v16 x) {
+  typedef int32_t i16x32 __attribute__((vector_size(64)));
+  const v16 lo = v16{} - 87.0f, hi = v16{} + 88.0f;
+  x = x < lo ? lo : (x > hi ? hi : x);
+  const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const v16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  v16 y = v16{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const i16x32 bits = (__builtin_convertvector(n, i16x32) + 127) << 23;
+  v16 two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return y * two_n;
+}
+
 }  // namespace pagedserve

@@ -199,19 +199,22 @@ def _check_native_inputs(plan: AttentionPlan, num_blocks: int, num_tokens: int) 
 
 
 def _one_sequence(query, key_cache, value_cache, p: _Prefill, scale, out) -> None:
-    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
-    group = query.shape[1] // num_kv_heads
-    shape = (num_kv_heads, group, p.seq_len, head_dim)
-    # [kv_heads, group, seq_len, head_dim], the group dimension an expand of stride 0
-    k = _f32(_gather(key_cache, p.blocks)[:p.seq_len].permute(1, 0, 2))[:, None].expand(shape)
-    v = _f32(_gather(value_cache, p.blocks)[:p.seq_len].permute(1, 0, 2))[:, None].expand(shape)
-    q = query[p.q_start:p.q_start + p.q_len].view(p.q_len, num_kv_heads, group, head_dim)
-    q = _f32(q.permute(1, 2, 0, 3))  # [kv_heads, group, q_len, head_dim]
+    """One prompt chunk's attention over its gathered K/V, in the query's dtype where the cache
+    has it too (SDPA sums in fp32 either way; bf16 there took less than half the time of fp32
+    copies, docs/cpu-kernels.md), else in fp32. The query heads of a kv head share it
+    (enable_gqa), nothing is repeated."""
+    head_dim = key_cache.shape[3]
+    k = _gather(key_cache, p.blocks)[:p.seq_len].permute(1, 0, 2)[None]  # [1, kv, seq, dim]
+    v = _gather(value_cache, p.blocks)[:p.seq_len].permute(1, 0, 2)[None]
+    q = query[p.q_start:p.q_start + p.q_len].permute(1, 0, 2)[None]  # [1, heads, q_len, dim]
+    if not q.dtype == k.dtype == v.dtype:
+        q, k, v = _f32(q), _f32(k), _f32(v)
     if p.mask is None:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale)
-    out[p.q_start:p.q_start + p.q_len] = o.permute(2, 0, 1, 3).reshape(p.q_len, -1, head_dim)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale,
+                                           enable_gqa=True)
+    out[p.q_start:p.q_start + p.q_len] = o[0].permute(1, 0, 2).reshape(p.q_len, -1, head_dim)
 
 
 def _decode_attention(query, key_cache, value_cache, plan: AttentionPlan,

@@ -29,20 +29,28 @@ inline vec load_vec(const float* p) {
   return v;
 }
 
-// exp(x), Cephes expf (2^n times a degree-6 polynomial on [-ln2/2, ln2/2], ~1 ulp) with x
-// clamped to [-87, 88] (below: exp(-87) ~ 1.6e-38). Written so that `omp simd` loops vectorise
-// it.
-inline float exp_clamped(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
+// exp(x) = 2^n * e^r, n = round(x / ln2): Cephes expf's degree-6 polynomial for e^r on
+// [-ln2/2, ln2/2] (~1 ulp), for a float or 16 of them alike; sets n.
+template <typename V>
+inline V exp_mantissa(V x, V& n) {
+  n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
+  const V r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  V y{};
+  y += 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
+  return y * r * r + r + 1.0f;
+}
+
+// exp(x) with x clamped to [-87, 88] (below: exp(-87) ~ 1.6e-38). Written so that `omp simd`
+// loops vectorise it.
+inline float exp_clamped(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  float n;
+  const float y = exp_mantissa(x, n);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
@@ -54,15 +62,8 @@ inline v16 exp16(v16 x) {
   typedef int32_t i16x32 __attribute__((vector_size(64)));
   const v16 lo = v16{} - 87.0f, hi = v16{} + 88.0f;
   x = x < lo ? lo : (x > hi ? hi : x);
-  const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const v16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  v16 y = v16{} + 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
+  v16 n;
+  const v16 y = exp_mantissa(x, n);
   const i16x32 bits = (__builtin_convertvector(n, i16x32) + 127) << 23;
   v16 two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);

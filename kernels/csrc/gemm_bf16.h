@@ -4,7 +4,8 @@
 // two weights side by side in 32 bits, the layout `cpu_linear.pack` makes for bf16. With
 // AVX512_BF16 one `vdpbf16ps` multiplies a pair for 16 columns; without it each pair is widened
 // to two fp32 vectors (a shift and a mask) and FMAs do the rest, at the same tiles and through
-// the same driver as the fp32 GEMM (gemm.h).
+// the same driver as the fp32 GEMM (gemm.h). Where the CPU has AMX-BF16 and K is a multiple of
+// 32, gemm_amx.h runs it on AMX tiles instead, from the same packed copy.
 
 #pragma once
 
@@ -13,6 +14,7 @@
 
 #include "bf16.h"
 #include "gemm.h"
+#include "gemm_amx.h"
 #include "simd.h"
 
 #if defined(__AVX512BF16__)
@@ -132,6 +134,12 @@ inline void rows_tile(int rows, const uint16_t* x, int64_t ldx, const uint16_t* 
 inline void gemm_packed_bf16_for(const uint16_t* x, int64_t ldx, const uint16_t* packed,
                                  const uint16_t* bias, uint16_t* out, int64_t ldo,
                                  int64_t rows, int n, int k) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (k % 32 == 0 && amx::available()) {
+    amx::gemm_for(x, ldx, packed, bias, out, ldo, rows, n, k);
+    return;
+  }
+#endif
   namespace d = gemm_bf16_detail;
   gemm_detail::gemm_groups_for(
       x, ldx, packed, out, ldo, rows, n, static_cast<int64_t>(k) * 16,

@@ -4,9 +4,9 @@ the model's own weights and the runner's (still unused) KV cache, and cached on 
 
 The step runs every projection on the own GEMM tiles and saves the ~20 torch ops a layer costs
 from Python; the layers run each projection on the kind its measured table chose. A GEMM's
-timing alone cannot weigh the two: on a Sapphire Rapids, MKL's 1-row GEMV measured 15-20%
+timing alone cannot weigh the two: on an Intel Xeon with AMX, MKL's 1-row GEMV measured 15-20%
 faster than the own tiles, so a rule "the step only where the own GEMM wins" kept fp32 decode
-layer by layer, at 36 ms a token where the step takes ~25 (docs/performance.md). So the step
+layer by layer, at 36 ms a token where the step takes 22 (docs/performance.md). So the step
 takes the row counts from 1 up to the last bucket of an unbroken run where it measured faster.
 """
 

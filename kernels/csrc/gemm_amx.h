@@ -9,6 +9,7 @@
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 
 #include <immintrin.h>
+#include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 

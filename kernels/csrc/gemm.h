@@ -98,6 +98,14 @@ inline void rows_tile(int rows, const float* x, int64_t ldx, const float* w, int
   }
 }
 
+// This thread's contiguous share [lo, hi) of `count` items among the enclosing parallel
+// region's threads (all of them for a team of one).
+inline void thread_share(int count, int& lo, int& hi) {
+  const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
+  lo = static_cast<int>(static_cast<int64_t>(count) * thread / threads);
+  hi = static_cast<int>(static_cast<int64_t>(count) * (thread + 1) / threads);
+}
+
 // The shared driver: every thread of the enclosing parallel region (or a team of one) takes a
 // contiguous run of kBlocksPerTile-block groups and runs `rows_tile(blocks, r, x, w, out, n0,
 // next)` over it, kRowsPerPass rows at a time, prefetching the next group's blocks (one per
@@ -108,10 +116,8 @@ template <typename T, typename RowsTile>
 inline void gemm_groups_for(const T* x, int64_t ldx, const T* packed, T* out, int64_t ldo,
                             int64_t rows, int n, int64_t block_stride, RowsTile rows_tile) {
   const int num_blocks = (n + 15) / 16;
-  const int groups = (num_blocks + kBlocksPerTile - 1) / kBlocksPerTile;
-  const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
-  const int g_lo = static_cast<int>(static_cast<int64_t>(groups) * thread / threads);
-  const int g_hi = static_cast<int>(static_cast<int64_t>(groups) * (thread + 1) / threads);
+  int g_lo, g_hi;
+  thread_share((num_blocks + kBlocksPerTile - 1) / kBlocksPerTile, g_lo, g_hi);
   const int passes = static_cast<int>((rows + kRowsPerPass - 1) / kRowsPerPass);
   for (int g = g_lo; g < g_hi; ++g) {
     const int b0 = g * kBlocksPerTile;

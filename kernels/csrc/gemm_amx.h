@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "bf16.h"
+#include "gemm.h"
 
 namespace pagedserve {
 namespace amx {
@@ -89,10 +90,8 @@ inline void pass(const bf16* x, int64_t ldx, const bf16* packed, const bf16* bia
 inline void gemm_for(const bf16* x, int64_t ldx, const bf16* packed, const bf16* bias, bf16* out,
                      int64_t ldo, int64_t rows, int n, int k) {
   const int num_blocks = (n + 15) / 16;
-  const int groups = (num_blocks + kBlocks - 1) / kBlocks;
-  const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
-  const int g_lo = static_cast<int>(static_cast<int64_t>(groups) * thread / threads);
-  const int g_hi = static_cast<int>(static_cast<int64_t>(groups) * (thread + 1) / threads);
+  int g_lo, g_hi;
+  gemm_detail::thread_share((num_blocks + kBlocks - 1) / kBlocks, g_lo, g_hi);
   int configured = 0;
   for (int g = g_lo; g < g_hi; ++g) {
     const int b0 = g * kBlocks;

@@ -47,9 +47,12 @@ class LayerTensors:
     down_bias: torch.Tensor | None
     key_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
     value_cache: torch.Tensor
+    # bf16: qkv, o, gate_up, down run on AMX tiles from this many rows (cpu_linear.linear)
+    amx_min_rows: tuple[int, int, int, int] = (1, 1, 1, 1)
 
 
-LAYER_COLUMNS = tuple(f.name for f in fields(LayerTensors))
+TENSOR_COLUMNS = tuple(f.name for f in fields(LayerTensors) if f.name != "amx_min_rows")
+LAYER_COLUMNS = (*TENSOR_COLUMNS, "qkv_amx", "o_amx", "gate_up_amx", "down_amx")
 
 
 def _library() -> ctypes.CDLL | None:
@@ -61,12 +64,11 @@ def available() -> bool:
     return _library() is not None
 
 
-
-
 class DecoderTensors:
     """The tensors of every layer, checked once (dtype, device, contiguity, shapes), and the
-    [num_layers, len(LAYER_COLUMNS)] table of their addresses. Holds the tensors, so the
-    addresses stay valid while it lives. The final norm's dtype is the step's."""
+    [num_layers, len(LAYER_COLUMNS)] table of their addresses and AMX row thresholds. Holds
+    the tensors, so the addresses stay valid while it lives. The final norm's dtype is the
+    step's."""
 
     def __init__(self, layers: Sequence[LayerTensors], final_norm: torch.Tensor, *,
                  num_heads: int, num_kv_heads: int, head_dim: int, eps: float) -> None:
@@ -102,7 +104,8 @@ class DecoderTensors:
         table = torch.zeros((len(layers), len(LAYER_COLUMNS)), dtype=torch.int64)
         for i, layer in enumerate(layers):
             assert (layer.q_norm is None) == (layer.k_norm is None)
-            for j, name in enumerate(LAYER_COLUMNS):
+            table[i, len(TENSOR_COLUMNS):] = torch.tensor(layer.amx_min_rows)
+            for j, name in enumerate(TENSOR_COLUMNS):
                 t = getattr(layer, name)
                 if t is None:
                     continue

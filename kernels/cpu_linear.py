@@ -17,9 +17,10 @@ from kernels import native
 from kernels.native import I32, I64, PTR
 
 _NAME = "gemm_cpu"
-_ARGS = [PTR, I64, PTR, PTR, PTR, I64, I64, I32, I32, I32]
-_SIGNATURES = {"pagedserve_gemm_packed_f32": (_ARGS, None),
-               "pagedserve_gemm_packed_bf16": (_ARGS, None)}
+_ARGS = [PTR, I64, PTR, PTR, PTR, I64, I64, I32, I32]  # then the thread count
+_SIGNATURES = {"pagedserve_gemm_packed_f32": ([*_ARGS, I32], None),
+               "pagedserve_gemm_packed_bf16": ([*_ARGS, I64, I32], None),  # amx_min_rows
+               "pagedserve_gemm_amx_available": ([], ctypes.c_int)}
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -30,6 +31,13 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the kernel is built and loaded (builds it on the first call)."""
     return _library() is not None
+
+
+def amx() -> bool:
+    """Whether the bf16 GEMM can run on AMX tiles here (built for a CPU with AMX-BF16, and the
+    kernel granted the tile state)."""
+    lib = _library()
+    return lib is not None and bool(lib.pagedserve_gemm_amx_available())
 
 
 def supports(dtype: torch.dtype) -> bool:
@@ -59,9 +67,9 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-           out_features: int) -> torch.Tensor:
+           out_features: int, amx_min_rows: int = 0) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [rows, in] with contiguous rows, from `pack(weight)`, in
-    the weight's dtype."""
+    the weight's dtype. bf16 runs on AMX tiles from `amx_min_rows` rows where `amx()`."""
     lib = _library()
     assert lib is not None, "call available() first"
     rows, in_features = x.shape
@@ -69,9 +77,12 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
     assert packed.shape == packed_shape(out_features, in_features, x.dtype), packed.shape
     assert bias is None or (bias.is_contiguous() and bias.shape == (out_features,)
                             and bias.dtype == x.dtype)
-    fn = (lib.pagedserve_gemm_packed_bf16 if x.dtype == torch.bfloat16
-          else lib.pagedserve_gemm_packed_f32)
     out = x.new_empty((rows, out_features))
-    fn(x.data_ptr(), x.stride(0), packed.data_ptr(), None if bias is None else bias.data_ptr(),
-       out.data_ptr(), out.stride(0), rows, out_features, in_features, torch.get_num_threads())
+    args = (x.data_ptr(), x.stride(0), packed.data_ptr(),
+            None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), rows,
+            out_features, in_features)
+    if x.dtype == torch.bfloat16:
+        lib.pagedserve_gemm_packed_bf16(*args, amx_min_rows, torch.get_num_threads())
+    else:
+        lib.pagedserve_gemm_packed_f32(*args, torch.get_num_threads())
     return out

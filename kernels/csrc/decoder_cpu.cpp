@@ -24,10 +24,11 @@
 
 namespace {
 
-// Columns of the per-layer pointer table (kernels/cpu_decoder.py LAYER_COLUMNS); 0: absent.
+// Columns of the per-layer table (kernels/cpu_decoder.py LAYER_COLUMNS): pointers (0: absent),
+// then each projection's amx_min_rows (gemm_bf16.h).
 enum Column {
   kInputNorm, kQkv, kQkvBias, kQNorm, kKNorm, kO, kOBias, kPostNorm, kGateUp, kGateUpBias,
-  kDown, kDownBias, kKeyCache, kValueCache, kColumns
+  kDown, kDownBias, kKeyCache, kValueCache, kQkvAmx, kOAmx, kGateUpAmx, kDownAmx, kColumns
 };
 
 template <typename T>
@@ -54,14 +55,14 @@ inline const T* column(const int64_t* layer, Column c) {
 }
 
 inline void gemm(const float* x, int64_t ldx, const float* packed, const float* bias,
-                 float* out, int64_t ldo, int64_t rows, int n, int k) {
+                 float* out, int64_t ldo, int64_t rows, int n, int k, int64_t) {
   pagedserve::gemm_packed_for(x, ldx, packed, bias, out, ldo, rows, n, k);
 }
 
 inline void gemm(const pagedserve::bf16* x, int64_t ldx, const pagedserve::bf16* packed,
                  const pagedserve::bf16* bias, pagedserve::bf16* out, int64_t ldo, int64_t rows,
-                 int n, int k) {
-  pagedserve::gemm_packed_bf16_for(x, ldx, packed, bias, out, ldo, rows, n, k);
+                 int n, int k, int64_t amx_min_rows) {
+  pagedserve::gemm_packed_bf16_for(x, ldx, packed, bias, out, ldo, rows, n, k, amx_min_rows);
 }
 
 template <int HEAD_DIM, typename T>
@@ -89,7 +90,7 @@ void run_step(const Step<T>& s, const int64_t* index, int num_threads) {
         pagedserve::add_rms_norm_row(l == 0 ? nullptr : h + m * H, residual + m * H,
                                      column<T>(p, kInputNorm), x + m * H, H, s.eps);
       gemm(x, H, column<T>(p, kQkv), column<T>(p, kQkvBias), qkv, qkv_n, M,
-           static_cast<int>(qkv_n), static_cast<int>(H));
+           static_cast<int>(qkv_n), static_cast<int>(H), p[kQkvAmx]);
       T* key_cache = const_cast<T*>(column<T>(p, kKeyCache));
       T* value_cache = const_cast<T*>(column<T>(p, kValueCache));
 #pragma omp for schedule(static)
@@ -120,19 +121,19 @@ void run_step(const Step<T>& s, const int64_t* index, int num_threads) {
                                s.scale, s.sliding_window};
       pagedserve::attend_all_for<HEAD_DIM>(a, M, static_cast<int>(D), scratch);
       gemm(attn, q_size, column<T>(p, kO), column<T>(p, kOBias), o, H, M, static_cast<int>(H),
-           static_cast<int>(q_size));
+           static_cast<int>(q_size), p[kOAmx]);
 #pragma omp for schedule(static)
       for (int64_t m = 0; m < M; ++m)
         pagedserve::add_rms_norm_row(o + m * H, residual + m * H, column<T>(p, kPostNorm),
                                      x + m * H, H, s.eps);
       gemm(x, H, column<T>(p, kGateUp), column<T>(p, kGateUpBias), gate_up, 2 * I, M,
-           static_cast<int>(2 * I), static_cast<int>(H));
+           static_cast<int>(2 * I), static_cast<int>(H), p[kGateUpAmx]);
 #pragma omp for schedule(static)
       for (int64_t m = 0; m < M; ++m)
         pagedserve::silu_and_mul_row(gate_up + m * 2 * I, gate_up + m * 2 * I + I, act + m * I,
                                      I);
       gemm(act, I, column<T>(p, kDown), column<T>(p, kDownBias), h, H, M, static_cast<int>(H),
-           static_cast<int>(I));
+           static_cast<int>(I), p[kDownAmx]);
     }
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m)

@@ -129,13 +129,24 @@ inline void rows_tile(int rows, const uint16_t* x, int64_t ldx, const uint16_t* 
 
 }  // namespace gemm_bf16_detail
 
+// Whether gemm_packed_bf16_for can run on AMX tiles here (built with AMX-BF16, state granted).
+inline bool amx_available() {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  return amx::available();
+#else
+  return false;
+#endif
+}
+
 // out[rows, n] = x[rows, k] . W^T (+ bias) in bf16, W packed [ceil(n / 16)][k / 2][16][2], k
-// even. Called by every thread of the enclosing parallel region (or a team of one).
+// even; on AMX tiles from amx_min_rows rows (where available and k % 32 == 0), else on the
+// AVX512_BF16 (or scalar) tiles. Called by every thread of the enclosing parallel region (or a
+// team of one).
 inline void gemm_packed_bf16_for(const uint16_t* x, int64_t ldx, const uint16_t* packed,
                                  const uint16_t* bias, uint16_t* out, int64_t ldo,
-                                 int64_t rows, int n, int k) {
+                                 int64_t rows, int n, int k, int64_t amx_min_rows) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if (k % 32 == 0 && amx::available()) {
+  if (rows >= amx_min_rows && k % 32 == 0 && amx::available()) {
     amx::gemm_for(x, ldx, packed, bias, out, ldo, rows, n, k);
     return;
   }

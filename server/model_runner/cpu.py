@@ -97,7 +97,9 @@ class CompiledDecodeStep:
                 post_norm=layer.post_norm.detach(),
                 gate_up=_small_copy(layer.gate_up), gate_up_bias=_bias(layer.gate_up),
                 down=_small_copy(layer.down), down_bias=_bias(layer.down),
-                key_cache=key_cache, value_cache=value_cache))
+                key_cache=key_cache, value_cache=value_cache,
+                amx_min_rows=tuple(_packed(m).table.amx_min_rows  # type: ignore[arg-type]
+                                   for m in (layer.qkv, layer.o, layer.gate_up, layer.down))))
         self.tensors = cpu_decoder.DecoderTensors(
             layers, export.final_norm.detach(), num_heads=export.num_heads,
             num_kv_heads=export.num_kv_heads, head_dim=export.head_dim, eps=export.eps)

@@ -23,7 +23,7 @@ from server.model_runner.cpu import (
 )
 from server.models.attention_metadata import AttentionMetadata
 from server.models.base import CausalLM, ModelOptions
-from server.models.layers.linear import pack_linear_weights
+from server.models.layers.linear import Linear, pack_linear_weights
 from server.models.layers.packed_gemm import GemmPolicy
 from server.models.registry import parse_arch_config, resolve_model_class
 from tests.kernels.test_cpu_attention import needs_compiler
@@ -36,9 +36,11 @@ CPU = KernelChoice("cpu", "cpu", native=True)
 
 def make_model(arch: str = "LlamaForCausalLM", head_dim: int = 16, heads: int = 4,
                kv_heads: int = 2, layers: int = 2, sliding_window: int | None = None,
-               seed: int = 0, dtype: torch.dtype = torch.float32) -> CausalLM:
-    raw = {"architectures": [arch], "vocab_size": 50, "hidden_size": 48,
-           "intermediate_size": 40, "num_hidden_layers": layers, "num_attention_heads": heads,
+               seed: int = 0, dtype: torch.dtype = torch.float32, hidden: int = 48,
+               intermediate: int = 40) -> CausalLM:
+    raw = {"architectures": [arch], "vocab_size": 50, "hidden_size": hidden,
+           "intermediate_size": intermediate, "num_hidden_layers": layers,
+           "num_attention_heads": heads,
            "num_key_value_heads": kv_heads, "head_dim": head_dim, "rms_norm_eps": 1e-5,
            "max_position_embeddings": 256}
     if sliding_window is not None:
@@ -139,6 +141,21 @@ def test_matches_the_layer_by_layer_forward(arch, seq_lens, dtype):
 def test_head_sizes(head_dim, heads, kv_heads, dtype):
     model = make_model(head_dim=head_dim, heads=heads, kv_heads=kv_heads, layers=1, dtype=dtype)
     assert_same(both_paths(model, *make_step(model, [7, 19])))
+
+
+def test_the_step_matches_the_layers_on_either_side_of_each_amx_threshold():
+    """bf16 with every GEMM's inputs a multiple of 32, so that AMX (where the CPU has it) and
+    the vector tiles both run inside the step, each projection switching at the rows its table
+    says: the layers' bits at 1-8 rows on either side of each threshold. (Both tiles sum in
+    fp32 and round once, so the bits do not tell which of them ran.)"""
+    model = make_model(dtype=torch.bfloat16, hidden=64, intermediate=64, head_dim=16, heads=4)
+    linears = [m for m in model.model.layers.modules() if isinstance(m, Linear)]
+    assert len(linears) == 4 * model.config.num_layers
+    for module, threshold in zip(linears, [1, 1 << 30, 3, 6] * model.config.num_layers):
+        table = dataclasses.replace(module.packed.table, amx_min_rows=threshold)
+        module.packed = dataclasses.replace(module.packed, table=table)
+    for rows in (1, 2, 3, 5, 6, 8):
+        assert_same(both_paths(model, *make_step(model, [9 + i for i in range(rows)])))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

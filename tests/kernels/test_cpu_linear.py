@@ -41,16 +41,18 @@ def test_pack_pads_the_last_block_with_zeros():
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 40, 64])
 @pytest.mark.parametrize("out_features,in_features", [(48, 64), (200, 96), (7, 1536), (80, 34)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_bf16_matches_f_linear(rows, out_features, in_features, bias):
+@pytest.mark.parametrize("amx_min_rows", [1, 1 << 30])
+def test_bf16_matches_f_linear(rows, out_features, in_features, bias, amx_min_rows):
     """fp32 sums rounded once to bf16, as torch's bf16 F.linear: equal but for an ulp where
-    the sums' order differs (with AVX512_BF16, measured bit-equal at SmolLM2's shapes)."""
+    the sums' order differs (with AVX512_BF16, measured bit-equal at SmolLM2's shapes). On
+    AMX tiles where the CPU has them (and `in` % 32 == 0), and on the vector tiles."""
     g = torch.Generator().manual_seed(rows * 1000 + out_features)
     weight = (torch.randn(out_features, in_features, generator=g) / in_features ** 0.5).bfloat16()
     b = torch.randn(out_features, generator=g).bfloat16() if bias else None
     x = torch.randn(rows, in_features + 2, generator=g).bfloat16()[:, :in_features]
     packed = cpu_linear.pack(weight)
     assert packed.shape == (-(-out_features // 16), in_features // 2, 16, 2)
-    ours = cpu_linear.linear(x, packed, b, out_features)
+    ours = cpu_linear.linear(x, packed, b, out_features, amx_min_rows)
     assert ours.dtype == torch.bfloat16
     torchs = F.linear(x, weight, b).double()
     # One bf16 ulp (8 bits of mantissa), or, where the sum cancels to near 0, what two fp32

@@ -31,6 +31,7 @@ class FakeState:
     first_delay: float = 0.05  # seconds before the first chunk
     token_delay: float = 0.02  # seconds between chunks
     tokens_per_chunk: int = 1
+    hold_until: int = 0  # streams wait until this many requests have been in flight at once
     in_flight: int = 0
     max_in_flight: int = 0
     requests: list[dict] = field(default_factory=list)  # body, start, end (server clock)
@@ -61,6 +62,9 @@ def make_app(state: FakeState) -> FastAPI:
 
         async def stream():
             try:
+                deadline = time.monotonic() + 30
+                while state.max_in_flight < state.hold_until and time.monotonic() < deadline:
+                    await asyncio.sleep(0.005)
                 await asyncio.sleep(state.first_delay)
                 for i in range(num_chunks):
                     if i:
@@ -110,7 +114,7 @@ def fake_server():
 def fake(fake_server):
     state, base_url = fake_server
     fresh = FakeState()
-    for name in ("first_delay", "token_delay", "tokens_per_chunk", "in_flight",
+    for name in ("first_delay", "token_delay", "tokens_per_chunk", "hold_until", "in_flight",
                  "max_in_flight"):
         setattr(state, name, getattr(fresh, name))
     state.requests.clear()
@@ -220,6 +224,9 @@ def test_failed_requests_are_counted(fake):
 @pytest.mark.parametrize("concurrency, expected", [(3, 3), (None, 12)])
 def test_concurrency_limit_is_respected(fake, concurrency, expected):
     state, base_url = fake
+    # Held until `expected` are in flight, so that reaching it does not depend on how fast
+    # the machine sends them; more than `expected` would still show.
+    state.hold_until = expected
     s = run_load(base_url, bench.make_prompts(12, 8, 500, seed=3), output_len=3,
                  concurrency=concurrency)
     assert s["completed"] == 12

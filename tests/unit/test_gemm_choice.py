@@ -10,9 +10,12 @@ import torch.nn.functional as F
 
 from server.models.layers import packed_gemm
 from server.models.layers.gemm_choice import (
+    NEVER,
     OWN_MARGIN,
+    OWN_TILES,
     GemmTable,
     TableCache,
+    amx_min_rows,
     bucket_bounds,
     choose,
 )
@@ -50,6 +53,29 @@ def test_each_bucket_takes_the_fastest_and_one_library_is_kept():
         "own", "own", "torch", "own")
 
 
+def test_amx_takes_the_rows_from_where_it_wins_up_to_the_last_bucket():
+    bounds = (1, 2, 4, 8, 16)
+    assert amx_min_rows([1.0] * 5, [2.0] * 5, bounds) == 1
+    assert amx_min_rows([3.0, 3.0, 3.0, 3.0, 3.0], [2.0, 2.5, 3.0, 4.0, 8.0], bounds) == 3
+    # A win at 2 rows that a loss at 4 interrupts does not count.
+    assert amx_min_rows([1.0, 1.0, 5.0, 1.0, 1.0], [2.0] * 5, bounds) == 5
+    assert amx_min_rows([1.0, 1.0, 1.0, 1.0, 3.0], [2.0] * 5, bounds) == NEVER
+
+
+def test_the_own_kind_counts_at_its_better_tiles_and_keeps_the_threshold():
+    bounds = (1, 2, 4, 8)
+    seconds = {"own": [2.0, 2.0, 2.0, 2.0], OWN_TILES: [1.0, 1.5, 3.0, 6.0],
+               "onednn": [1.2, 1.8, 2.5, 2.5], "torch": [9.0] * 4}
+    table = choose(seconds, bounds)
+    assert table.amx_min_rows == 3
+    assert table.kinds == ("own", "own", "own", "own")  # tiles at 1-2 beat oneDNN
+    assert table.describe() == "own 1+ (own on AMX from 3 rows)"
+    assert choose({"own": [1.0], "torch": [1.5]}, (1,)).amx_min_rows == 1  # not timed: always
+    never = choose({"own": [2.0], OWN_TILES: [1.0], "torch": [9.0]}, (1,))
+    assert never.describe() == "own 1+ (own never on AMX)"
+    assert never.replace("own", "torch").amx_min_rows == NEVER
+
+
 def test_tables_survive_on_disk_and_bad_files_count_as_empty(tmp_path):
     cache = TableCache(tmp_path / "sub" / "choice.json")
     bounds = (1, 2)
@@ -57,6 +83,8 @@ def test_tables_survive_on_disk_and_bad_files_count_as_empty(tmp_path):
     cache.put("k", GemmTable(bounds, ("own", "mkl")))
     cache.put("j", GemmTable(bounds, ("torch", "torch")))
     assert TableCache(cache.path).get("k", bounds) == GemmTable(bounds, ("own", "mkl"))
+    cache.put("a", GemmTable(bounds, ("own", "own"), amx_min_rows=2))
+    assert cache.get("a", bounds) == GemmTable(bounds, ("own", "own"), amx_min_rows=2)
     assert cache.get("k", (1, 2, 4)) is None  # other buckets: measured again
     cache.path.write_text("{not json")
     assert cache.get("k", bounds) is None

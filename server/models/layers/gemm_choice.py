@@ -34,6 +34,12 @@ KINDS = ("own", "onednn", "mkl", "torch")
 # see), and timings of the close pairs vary by ~10% between runs.
 OWN_MARGIN = 0.10
 LIBRARIES = ("mkl", "onednn")  # the prepacked copies: one of them is kept per weight
+# The own bf16 GEMM timed on the AVX512_BF16 tiles alone, next to "own" on AMX tiles where the
+# CPU has them: AMX pays a tile configuration and a 16-row tile per pass, so the vector tiles
+# can win at the fewest rows (docs/performance.md). Not a kind of its own: it decides
+# GemmTable.amx_min_rows.
+OWN_TILES = "own_tiles"
+NEVER = 1 << 30  # amx_min_rows where AMX won at no row count
 
 
 def bucket_bounds(max_rows: int) -> tuple[int, ...]:
@@ -47,13 +53,16 @@ def bucket_bounds(max_rows: int) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class GemmTable:
     """Bucket i serves the row counts (bounds[i - 1], bounds[i]] with kinds[i]; row counts past
-    the last bound take the last kind."""
+    the last bound take the last kind. The own copy runs on AMX tiles from amx_min_rows rows
+    (bf16, where the CPU has AMX; 1: always)."""
     bounds: tuple[int, ...]
     kinds: tuple[str, ...]
+    amx_min_rows: int = 1
 
     def __post_init__(self) -> None:
         assert self.bounds and len(self.bounds) == len(self.kinds), self
         assert all(k in KINDS for k in self.kinds), self.kinds
+        assert self.amx_min_rows >= 1, self.amx_min_rows
 
     @classmethod
     def uniform(cls, kind: str, bounds: tuple[int, ...]) -> GemmTable:
@@ -73,10 +82,12 @@ class GemmTable:
         return limit
 
     def replace(self, kind: str, by: str) -> GemmTable:
-        return GemmTable(self.bounds, tuple(by if k == kind else k for k in self.kinds))
+        return GemmTable(self.bounds, tuple(by if k == kind else k for k in self.kinds),
+                         self.amx_min_rows)
 
     def describe(self) -> str:
-        """'own 1-64, onednn 65+': the row ranges of each run of one kind."""
+        """'own 1-64, onednn 65+': the row ranges of each run of one kind, and where the own
+        copy's AMX threshold was measured, '(own on AMX from 5 rows)'."""
         parts, lo = [], 1
         for i, kind in enumerate(self.kinds):
             if i + 1 < len(self.kinds) and self.kinds[i + 1] == kind:
@@ -86,12 +97,37 @@ class GemmTable:
             parts.append(f"{kind} {lo}+" if last else
                          f"{kind} {lo}" if lo == hi else f"{kind} {lo}-{hi}")
             lo = hi + 1
-        return ", ".join(parts)
+        text = ", ".join(parts)
+        if self.amx_min_rows == 1 or "own" not in self.kinds:
+            return text
+        return text + (" (own never on AMX)" if self.amx_min_rows == NEVER
+                       else f" (own on AMX from {self.amx_min_rows} rows)")
+
+
+def amx_min_rows(amx: Sequence[float], tiles: Sequence[float], bounds: tuple[int, ...]) -> int:
+    """The first row count of the run of buckets, up to the last, where the own GEMM on AMX
+    was at least as fast as on the vector tiles; NEVER when it lost at the last bucket."""
+    start = len(bounds)
+    while start > 0 and amx[start - 1] <= tiles[start - 1]:
+        start -= 1
+    if start == len(bounds):
+        return NEVER
+    return 1 if start == 0 else bounds[start - 1] + 1
 
 
 def choose(seconds: Mapping[str, Sequence[float]], bounds: tuple[int, ...]) -> GemmTable:
-    """The table from each candidate's time per bucket (`seconds[kind][i]` at bounds[i])."""
+    """The table from each candidate's time per bucket (`seconds[kind][i]` at bounds[i]); with
+    OWN_TILES timed too, "own" runs on AMX from `amx_min_rows` and counts at the better
+    of its two times."""
     assert seconds and all(len(t) == len(bounds) for t in seconds.values()), seconds
+    seconds = dict(seconds)
+    amx_from = 1
+    tiles = seconds.pop(OWN_TILES, None)
+    if tiles is not None:
+        amx = seconds["own"]
+        amx_from = amx_min_rows(amx, tiles, bounds)
+        seconds["own"] = [t if bound >= amx_from else v
+                          for bound, t, v in zip(bounds, amx, tiles, strict=True)]
     best = [min(t[i] for t in seconds.values()) for i in range(len(bounds))]
     libraries = [k for k in LIBRARIES if k in seconds]
     kept = min(libraries, key=lambda k: sum(t / b for t, b in zip(seconds[k], best,
@@ -103,7 +139,7 @@ def choose(seconds: Mapping[str, Sequence[float]], bounds: tuple[int, ...]) -> G
         return seconds[kind][i] / (1 + OWN_MARGIN) if kind == "own" else seconds[kind][i]
 
     return GemmTable(bounds, tuple(min(allowed, key=lambda k: cost(k, i))
-                                   for i in range(len(bounds))))
+                                   for i in range(len(bounds))), amx_from)
 
 
 class TableCache:
@@ -137,11 +173,15 @@ class TableCache:
             logger.warning("could not store a measured choice in %s: %s", self.path, e)
 
     def get(self, key: str, bounds: tuple[int, ...]) -> GemmTable | None:
-        kinds = self.value(key)
-        if (not isinstance(kinds, list) or len(kinds) != len(bounds)
-                or not all(k in KINDS for k in kinds)):
+        value = self.value(key)
+        if not isinstance(value, dict):
             return None
-        return GemmTable(bounds, tuple(kinds))
+        kinds, amx_from = value.get("kinds"), value.get("amx_min_rows")
+        if (not isinstance(kinds, list) or len(kinds) != len(bounds)
+                or not all(k in KINDS for k in kinds)
+                or not isinstance(amx_from, int) or amx_from < 1):
+            return None
+        return GemmTable(bounds, tuple(kinds), amx_from)
 
     def put(self, key: str, table: GemmTable) -> None:
-        self.store(key, list(table.kinds))
+        self.store(key, {"kinds": list(table.kinds), "amx_min_rows": table.amx_min_rows})

@@ -37,6 +37,8 @@ from kernels import cpu_linear, native
 from server.models.layers.gemm_choice import (
     KINDS,
     LIBRARIES,
+    NEVER,
+    OWN_TILES,
     GemmTable,
     TableCache,
     bucket_bounds,
@@ -80,7 +82,7 @@ class PackedWeight:
 
 
 def _pack(kind: str, weight: torch.Tensor) -> torch.Tensor:
-    if kind == "own":
+    if kind in ("own", OWN_TILES):
         if not (cpu_linear.supports(weight.dtype) and cpu_linear.available()):
             raise RuntimeError(f"the compiled GEMM is not built here or takes no {weight.dtype}")
         return cpu_linear.pack(weight)
@@ -92,10 +94,11 @@ def _pack(kind: str, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _run(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-         copy: torch.Tensor | None) -> torch.Tensor:
-    if kind == "own":
+         copy: torch.Tensor | None, amx_min_rows: int = 1) -> torch.Tensor:
+    if kind in ("own", OWN_TILES):
         assert copy is not None
-        return cpu_linear.linear(x, copy, bias, weight.shape[0])
+        return cpu_linear.linear(x, copy, bias, weight.shape[0],
+                                 NEVER if kind == OWN_TILES else amx_min_rows)
     if kind == "mkl":
         return torch.ops.mkl._mkl_linear(x, copy, weight, bias, x.shape[0])
     if kind == "onednn":
@@ -121,9 +124,13 @@ def _agrees(kind: str, copy: torch.Tensor | None, weight: torch.Tensor,
 
 def candidates(dtype: torch.dtype, policy: GemmPolicy) -> list[str]:
     """The kinds that may be built for this dtype: own where its kernel runs, both libraries
-    (whether this torch has them shows when packing), torch always."""
+    (whether this torch has them shows when packing), torch always. Where the own bf16 GEMM
+    runs on AMX, OWN_TILES is timed too (gemm_choice.choose)."""
     own = policy.own and cpu_linear.supports(dtype) and cpu_linear.available()
-    return [k for k in KINDS if k != "own" or own]
+    kinds = [k for k in KINDS if k != "own" or own]
+    if own and dtype == torch.bfloat16 and cpu_linear.amx():
+        kinds.append(OWN_TILES)
+    return kinds
 
 
 def median_time(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -254,7 +261,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if packed is not None and x.dim() == 2:
         kind = packed.table.kind(x.shape[0])
         if kind == "own" and packed.own is not None and x.stride(1) == 1:
-            return cpu_linear.linear(x, packed.own, bias, weight.shape[0])
+            return cpu_linear.linear(x, packed.own, bias, weight.shape[0],
+                                     packed.table.amx_min_rows)
         if kind == packed.library:
             return _run(kind, x, weight, bias, packed.packed)
     return F.linear(x, weight, bias)

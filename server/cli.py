@@ -35,8 +35,8 @@ _BENCH_COMMANDS = {
     "soak": ("server.bench.soak", "a long mixed workload with disconnects and bad input: "
              "answers, latency, RSS and KV use over time, then the engine's check"),
     "kernels": ("server.bench.kernels", "Triton kernel correctness and speed on CUDA"),
-    "profile": ("server.bench.profile_step", "where a decode step's time goes: phases and "
-                "top ops at a fixed batch"),
+    "profile": ("server.bench.profile_step", "where an engine step's time goes: phases and "
+                "top ops at a fixed decode batch, or over prompts' prefill (--prefill)"),
 }
 
 

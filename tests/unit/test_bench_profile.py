@@ -30,6 +30,22 @@ def test_profile_reports_phases_and_ops(tmp_path, capsys):
     assert "decode batch 3" in printed and "forward" in printed
 
 
+def test_prefill_profile_steps_the_prompts_in_budget_sized_steps(tmp_path, capsys):
+    out = tmp_path / "prefill.json"
+    args = build_parser().parse_args([
+        "bench", "profile", "--prefill", "--batch-size", "3", "--input-len", "20", "--top", "5",
+        "--max-num-batched-tokens", "32", "--kv-cache-memory", str(1 << 24),
+        "--json", str(out)])
+    assert args.func(args) == 0
+    summary = json.loads(out.read_text())
+    assert summary["prefill"] is True
+    assert summary["steps"] == 2  # 60 prompt tokens in steps of up to 32
+    phases = summary["phases_ms"]
+    assert phases["forward"] > 0 and sum(phases.values()) <= summary["step_ms"] * 1.01
+    assert 0 < len(summary["ops"]) <= 5
+    assert "prefill of 3 prompts x 20 tokens in 2 steps" in capsys.readouterr().out
+
+
 def test_phase_timers_are_removed_again():
     from server import LLM, SamplingParams
 

@@ -46,14 +46,18 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping,
 
 
 def attention_plan(block_table, seq_lens, query_start_loc, block_size: int,
-                   sliding_window: int | None, backend: str = "auto"):
+                   sliding_window: int | None, backend: str = "auto",
+                   native_prefill_len: int | None = None):
     """What the torch path's calls of one step share (block ids, masks), built once for all
-    layers and passed back as `paged_attention(..., plan=)`; None where Triton runs."""
+    layers and passed back as `paged_attention(..., plan=)`; None where Triton runs.
+    `native_prefill_len` (backend cpu): the compiled kernel takes the prompt rows of sequences
+    of up to this many tokens, SDPA the longer ones (None: the kernel takes all)."""
     resolved = _resolve(backend, block_table)
     if resolved == "triton":
         return None
     return torch_attention.build_plan(block_table, seq_lens, query_start_loc, block_size,
-                                      sliding_window, native=resolved == "cpu")
+                                      sliding_window, native=resolved == "cpu",
+                                      native_prefill_len=native_prefill_len)
 
 
 def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_start_loc,

@@ -8,8 +8,13 @@ their query group (no copy; SDPA's enable_gqa falls back to the slow math path o
 
 Everything that depends only on the batch's shape (block ids, masks, which rows decode) is an
 `AttentionPlan`, built once per step by `build_plan` and shared by every layer's call. A plan
-built with `native=True` (backend "cpu") sends the decodes, fp32, to the compiled kernel of
-kernels/cpu_attention.py instead, which reads the blocks in place: no gather at all.
+built with `native=True` (backend "cpu") sends every row, fp32 or bf16, to the compiled kernel
+of kernels/cpu_attention.py instead, which reads the blocks in place: no gather at all. A
+prompt row there is a decode over its own causal prefix (its sequence's first p + 1 tokens at
+position p), so a step with prompts makes one kernel call per layer, not an SDPA call per
+prompt. Row by row reads K and V once per query row, so past some length SDPA's blocked loops
+win: sequences longer than the plan's `native_prefill_len` keep SDPA (docs/cpu-kernels.md,
+"Prefill attention").
 """
 
 from __future__ import annotations
@@ -43,6 +48,16 @@ class _DecodeGather:
 
 
 @dataclass(slots=True)
+class _NativeRows:
+    """The compiled kernel's view of a step with prompt rows: every query row a decode of its
+    own, attending to the first seq_lens[i] tokens of its sequence's block table row."""
+    rows: torch.Tensor  # [n] int64 query rows
+    seqs: torch.Tensor  # [n] int64: row i's entry in block_table and seq_lens, i.e. i
+    block_table: torch.Tensor  # [n, max_blocks] int32: the row's sequence's table row
+    seq_lens: torch.Tensor  # [n] int32: its position + 1
+
+
+@dataclass(slots=True)
 class AttentionPlan:
     block_size: int
     sliding_window: int | None
@@ -51,9 +66,13 @@ class AttentionPlan:
     all_decode: bool  # every sequence has exactly one query token: rows are sequences
     decode_rows: torch.Tensor | None  # [num_decodes] int64 query rows of the batched decodes
     decode_seqs: torch.Tensor | None  # [num_decodes] int64 their sequences
-    native: bool  # decodes through kernels.cpu_attention where it supports the tensors
+    native: bool  # every row through kernels.cpu_attention where it supports the tensors
     prefills: list[_Prefill]
+    query_start_loc: torch.Tensor | None = None
+    # Native prompt rows only of sequences of up to this many tokens (None: all of them).
+    native_prefill_len: int | None = None
     gather: _DecodeGather | None = None  # built on first use: the native kernel needs none
+    rows: _NativeRows | None = None  # built on first use, where there are prompt rows
     native_checked: tuple | None = None  # (num_blocks, num_tokens) the native inputs fit
     # Gather destinations reused by every layer of the step (each layer's attention has
     # consumed them before the next layer gathers): no fresh multi-MB buffers per layer.
@@ -65,6 +84,35 @@ class AttentionPlan:
         if buf is None:
             buf = self.buffers[key] = like.new_empty((rows, like.shape[1:].numel()))
         return buf
+
+    def sdpa_prefill(self, p: _Prefill) -> bool:
+        """Whether the native path leaves this prompt chunk to SDPA."""
+        return self.native_prefill_len is not None and p.seq_len > self.native_prefill_len
+
+    def native_rows(self) -> _NativeRows:
+        """The decodes and the prompt rows the kernel takes as one batch of decodes."""
+        if self.rows is None:
+            if not any(not self.sdpa_prefill(p) for p in self.prefills):
+                none = torch.zeros(0, dtype=torch.int64, device=self.seq_lens.device)
+                self.rows = _NativeRows(
+                    none if self.decode_rows is None else self.decode_rows,
+                    none if self.decode_seqs is None else self.decode_seqs, self.block_table,
+                    self.seq_lens)
+            else:
+                assert self.query_start_loc is not None
+                starts = self.query_start_loc.long()
+                q_lens = starts[1:] - starts[:-1]
+                seq_of_row = torch.repeat_interleave(
+                    torch.arange(len(q_lens), device=starts.device), q_lens)
+                rows = torch.arange(int(starts[0]), int(starts[-1]), device=starts.device)
+                if self.native_prefill_len is not None:
+                    keep = (q_lens == 1) | (self.seq_lens.long() <= self.native_prefill_len)
+                    rows, seq_of_row = rows[keep[seq_of_row]], seq_of_row[keep[seq_of_row]]
+                before = (self.seq_lens.long() - q_lens)[seq_of_row]
+                lens = before + (rows - starts[seq_of_row]) + 1
+                self.rows = _NativeRows(rows, torch.arange(len(rows), device=rows.device),
+                                        self.block_table[seq_of_row], lens.to(torch.int32))
+        return self.rows
 
     def decode_gather(self) -> _DecodeGather:
         """Block ids and mask of the batched decodes' padded gather."""
@@ -84,9 +132,11 @@ class AttentionPlan:
 
 
 def build_plan(block_table, seq_lens, query_start_loc, block_size: int,
-               sliding_window: int | None, native: bool = False) -> AttentionPlan:
+               sliding_window: int | None, native: bool = False,
+               native_prefill_len: int | None = None) -> AttentionPlan:
     """The per-step part of paged_attention: what every layer's call would recompute.
-    `native`: run the decodes through the compiled CPU kernel when the tensors allow."""
+    `native`: run the rows through the compiled CPU kernel when the tensors allow, the prompt
+    rows of sequences of up to `native_prefill_len` tokens (None: all)."""
     num_seqs = seq_lens.shape[0]
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
@@ -116,7 +166,8 @@ def build_plan(block_table, seq_lens, query_start_loc, block_size: int,
                 mask &= k_pos > q_pos - sliding_window
         prefills.append(_Prefill(starts[i], q_len, seq_len, blocks, mask))
     return AttentionPlan(block_size, sliding_window, block_table, seq_lens, all_decode,
-                         decode_rows, decode_seqs, native, prefills)
+                         decode_rows, decode_seqs, native, prefills, query_start_loc,
+                         native_prefill_len)
 
 
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
@@ -154,30 +205,36 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_
     block_size = key_cache.shape[1]
     if plan is None or plan.block_size != block_size or plan.sliding_window != sliding_window:
         native = plan.native if plan is not None else False
+        limit = plan.native_prefill_len if plan is not None else None
         plan = build_plan(block_table, seq_lens, query_start_loc, block_size, sliding_window,
-                          native)
+                          native, limit)
+    if plan.native and (plan.decode_rows is not None or plan.prefills) \
+            and cpu_attention.supports(query, key_cache, value_cache, out):
+        if out is None:
+            out = torch.empty_like(query)
+        rows = plan.native_rows()
+        if plan.native_checked != (key_cache.shape[0], query.shape[0]):
+            _check_native_inputs(rows, block_size, key_cache.shape[0], query.shape[0])
+            plan.native_checked = (key_cache.shape[0], query.shape[0])
+        if rows.rows.numel():
+            cpu_attention.paged_decode(query, key_cache, value_cache, rows.block_table,
+                                       rows.seq_lens, rows.rows, rows.seqs, scale, out,
+                                       sliding_window)
+        for prefill in plan.prefills:
+            if plan.sdpa_prefill(prefill):
+                _one_sequence(query, key_cache, value_cache, prefill, scale, out)
+        return out
     if plan.decode_rows is not None:
-        if plan.native and cpu_attention.supports(query, key_cache, value_cache, out):
-            if out is None:
-                out = torch.empty_like(query)
-            assert plan.decode_seqs is not None
-            if plan.native_checked != (key_cache.shape[0], query.shape[0]):
-                _check_native_inputs(plan, key_cache.shape[0], query.shape[0])
-                plan.native_checked = (key_cache.shape[0], query.shape[0])
-            cpu_attention.paged_decode(query, key_cache, value_cache, plan.block_table,
-                                       plan.seq_lens, plan.decode_rows, plan.decode_seqs,
-                                       scale, out, sliding_window)
-        elif plan.all_decode:
+        if plan.all_decode:
             o = _decode_attention(query, key_cache, value_cache, plan, scale)
             if out is None:
                 return o.to(query.dtype)
             out.copy_(o)
             return out
-        else:
-            if out is None:
-                out = torch.empty_like(query)
-            out[plan.decode_rows] = _decode_attention(query[plan.decode_rows], key_cache,
-                                                      value_cache, plan, scale).to(out.dtype)
+        if out is None:
+            out = torch.empty_like(query)
+        out[plan.decode_rows] = _decode_attention(query[plan.decode_rows], key_cache,
+                                                  value_cache, plan, scale).to(out.dtype)
     if out is None:
         out = torch.empty_like(query)
     for prefill in plan.prefills:
@@ -185,16 +242,18 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_
     return out
 
 
-def _check_native_inputs(plan: AttentionPlan, num_blocks: int, num_tokens: int) -> None:
+def _check_native_inputs(rows: _NativeRows, block_size: int, num_blocks: int,
+                         num_tokens: int) -> None:
     """The compiled kernel indexes raw memory: once per plan (and cache), everything it will
     follow must be in range, so a bad batch raises here instead of reading out of bounds."""
-    assert plan.decode_rows is not None and plan.decode_seqs is not None
-    table = plan.block_table
+    table = rows.block_table
     if table.numel() and (int(table.min()) < 0 or int(table.max()) >= num_blocks):
         raise ValueError(f"block_table holds ids outside [0, {num_blocks})")
-    if int(plan.seq_lens.max()) > table.shape[1] * plan.block_size:
+    if rows.rows.numel() == 0:
+        return
+    if int(rows.seq_lens.max()) > table.shape[1] * block_size:
         raise ValueError("a sequence is longer than its block_table row covers")
-    if int(plan.decode_rows.max()) >= num_tokens:
+    if int(rows.rows.max()) >= num_tokens:
         raise ValueError("a decode row lies past the query's tokens")
 
 

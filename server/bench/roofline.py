@@ -2,7 +2,9 @@
 
 Measures, on the CPU:
 * the fp32 FMA peak: chains of vector FMAs on registers on every thread (kernels/cpu_peak.py),
-  the machine's FLOP ceiling, whatever a library reaches;
+  the machine's FLOP ceiling, whatever a library reaches; for bf16 also the AVX512_BF16
+  dot-product peak (chains of vdpbf16ps), where the CPU has it: a bf16 GEMM's ceiling there
+  (AMX tiles, on the CPUs that have them, go past it and are not measured by a loop);
 * memory read bandwidth: `x.sum()` over a tensor far larger than the caches (GB/s);
 * matrix-multiply rate at large square sizes (n x n @ n x n) and at the model's own GEMM
   shapes for a batch of M tokens — per layer qkv (H -> q+2kv), o_proj (q -> H), gate_up
@@ -29,9 +31,10 @@ Ceilings:
 * decode tok/s at concurrency 1 = bandwidth / weight bytes per step (KV-cache reads are printed
   but left out, as are compute and overheads);
 * output tok/s at large concurrency = FLOP rate / (FLOPs per output token
-  + FLOPs per prompt token x in / out), at the FMA peak (the best GEMM where the FMA loop
-  cannot be built), at the best GEMM measured anywhere, at the best kind per model shape, and
-  at the best rate of the model's GEMMs through F.linear (over the M measured).
+  + FLOPs per prompt token x in / out), at the dtype's peak (bf16: the dot-product loop's where
+  the CPU has AVX512_BF16, else the FMA loop's; the best GEMM where no loop can be built), at
+  the best GEMM measured anywhere, at the best kind per model shape, and at the best rate of
+  the model's GEMMs through F.linear (over the M measured).
 """
 
 from __future__ import annotations
@@ -362,6 +365,10 @@ def main(args) -> int:
     fma = result["ceilings"]["fma_peak_gflops_per_s"]
     print(f"fp32 FMA peak (vector FMA loop, {result['threads']} threads): "
           + (f"{fma:.1f} GFLOP/s" if fma else "not measured (no C++ compiler)"))
+    if dtype == torch.bfloat16:
+        dot = result["ceilings"]["bf16_dot_peak_gflops_per_s"]
+        print(f"bf16 dot-product peak (vdpbf16ps loop, {result['threads']} threads): "
+              + (f"{dot:.1f} GFLOP/s" if dot else "not measured (no AVX512_BF16)"))
     print("square matmuls: " + ", ".join(f"n={n}: {v:.1f} GFLOP/s"
                                          for n, v in result["square_gflops_per_s"].items()))
     print(format_gemm_table([GemmRow(**r) for r in result["gemms"]],
@@ -382,12 +389,14 @@ def _measure(arch: ArchConfig, counts: Counts, dtype: torch.dtype, args) -> dict
     weights = make_weights(gemms, dtype)
     # Rounds spread each figure's samples over time, so a burst of other work on the machine
     # spoils one round's sample, not the figure; every figure keeps its best round.
-    bandwidth, squares, fma = 0.0, dict.fromkeys(args.square_sizes, 0.0), 0.0
+    bandwidth, squares, fma, dot = 0.0, dict.fromkeys(args.square_sizes, 0.0), 0.0, 0.0
     calls: dict[int, dict[str, list[float]] | None] = dict.fromkeys(args.batch_tokens)
     for _ in range(args.rounds):
         bandwidth = max(bandwidth, measure_bandwidth(args.bandwidth_mib << 20, iters, warmup,
                                                      min_s))
         fma = max(fma, cpu_peak.fma_peak_flops(max(min_s, 0.02)) or 0.0)
+        if dtype == torch.bfloat16:
+            dot = max(dot, cpu_peak.bf16_dot_peak_flops(max(min_s, 0.02)) or 0.0)
         for n in squares:
             squares[n] = max(squares[n], measure_square(n, dtype, iters, warmup, min_s) / _GB)
         for m in calls:
@@ -399,7 +408,7 @@ def _measure(arch: ArchConfig, counts: Counts, dtype: torch.dtype, args) -> dict
     rows = [gemm_row(gemms, m, c, counts.bytes_per_param) for m, c in calls.items()]
     best_row = max(rows, key=lambda r: r.all_gflops_per_s)
     best_gemm = max([*squares.values(), *(r.all_gflops_per_s for r in rows), best_library])
-    peak = fma / _GB or best_gemm
+    peak = (dot or fma) / _GB or best_gemm
     one = next((r for r in rows if r.num_tokens == 1), None)
     ceilings = {
         "decode_tok_s_concurrency_1": decode_ceiling(counts, bandwidth),
@@ -409,7 +418,9 @@ def _measure(arch: ArchConfig, counts: Counts, dtype: torch.dtype, args) -> dict
         "output_tok_s_large_concurrency_at_model_gemms": throughput_ceiling(
             counts, best_row.all_gflops_per_s * _GB, args.input_len, args.output_len),
         "peak_gflops_per_s": peak,
+        "peak_kind": "bf16 dot peak" if dot else "FMA peak" if fma else "best GEMM measured",
         "fma_peak_gflops_per_s": fma / _GB or None,
+        "bf16_dot_peak_gflops_per_s": dot / _GB or None,
         "best_gemm_gflops_per_s": best_gemm,
         "output_tok_s_large_concurrency_at_best_gemm": throughput_ceiling(
             counts, best_gemm * _GB, args.input_len, args.output_len),
@@ -445,7 +456,7 @@ def format_ceilings(c: dict, input_len: int, output_len: int) -> str:
                      f"{c['decode_tok_s_concurrency_1_from_m1_gemms']:.1f} tok/s)")
     lines += [
         f"  output at large concurrency: {c['peak_gflops_per_s']:.1f} GFLOP/s "
-        f"({'FMA peak' if c['fma_peak_gflops_per_s'] else 'best GEMM measured'}) / "
+        f"({c['peak_kind']}) / "
         f"(FLOPs per output token + FLOPs per prompt token x {input_len}/{output_len}) = "
         f"{c['output_tok_s_large_concurrency']:.1f} tok/s",
         f"    (at the best GEMM measured, {c['best_gemm_gflops_per_s']:.1f} GFLOP/s: "

@@ -13,7 +13,8 @@ import torch
 
 from kernels import cpu_attention, cpu_decoder, cpu_fused
 from server.config import ModelConfig
-from server.model_runner import step_choice
+from server.model_runner import prefill_choice, step_choice
+from server.models.arch_config import ArchConfig
 from server.models.attention_metadata import AttentionMetadata
 from server.models.base import CausalLM, DecoderExport, KVCache
 from server.models.layers import packed_gemm
@@ -46,6 +47,21 @@ def choose_kernels(config: ModelConfig, device: torch.device, dtype: torch.dtype
     attention = ("cpu" if cpu_attention.available() else "torch") if native else asked
     fused = native and dtype in cpu_fused.DTYPES and cpu_fused.available()
     return KernelChoice(attention, "cpu" if fused else "torch", native)
+
+
+def native_prefill_len(choice: KernelChoice, arch: ArchConfig, dtype: torch.dtype,
+                       block_size: int, max_model_len: int) -> tuple[int | None, str]:
+    """Up to which sequence length the compiled attention kernel takes prompt rows (measured;
+    None: all of them, where nothing is timed), and the start-up log's words for it."""
+    if choice.attention_backend != "cpu" or dtype not in cpu_attention.DTYPES:
+        return None, ""
+    if packed_gemm.unmeasured():
+        return None, " (prompt rows in the kernel at every length)"
+    limit = prefill_choice.measured_len(arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                                        block_size, dtype, arch.sliding_window, max_model_len)
+    if limit == 0:
+        return 0, " (prompts through SDPA: the kernel measured slower at every length)"
+    return limit, f" (prompt rows in the kernel up to {limit} tokens, SDPA beyond)"
 
 
 def pack_for_cpu(model: CausalLM, choice: KernelChoice, config: ModelConfig, max_rows: int,

@@ -11,7 +11,12 @@ import torch
 
 import kernels
 from server.config import EngineConfig
-from server.model_runner.cpu import choose_kernels, compiled_decode_step, pack_for_cpu
+from server.model_runner.cpu import (
+    choose_kernels,
+    compiled_decode_step,
+    native_prefill_len,
+    pack_for_cpu,
+)
 from server.model_runner.cpu_allocator import keep_freed_memory_mapped
 from server.model_runner.request_state import RequestState
 from server.model_runner.sampler import Sampler, prompt_token_logprobs
@@ -110,8 +115,10 @@ class ModelRunner:
                           for _ in range(arch.num_layers)]
         self.compiled_step, compiled = compiled_decode_step(self.model, config.model,
                                                             self.kernels, self.kv_caches)
-        logger.info("kernels: attention %s, fused layer ops %s, linear weights %s, compiled "
-                    "decode step %s", self.kernels.attention_backend,
+        self.native_prefill_len, prompts = native_prefill_len(
+            self.kernels, arch, self.dtype, self.block_size, max_model_len)
+        logger.info("kernels: attention %s%s, fused layer ops %s, linear weights %s, compiled "
+                    "decode step %s", self.kernels.attention_backend, prompts,
                     "on" if self.kernels.fused_ops else "off", packed, compiled)
         self.sampler = Sampler(seed=config.model.seed)
         self._states: dict[str, RequestState] = {}
@@ -184,7 +191,8 @@ class ModelRunner:
             query_start_loc=query_start_loc, seq_lens=seq_lens, block_table=table,
             slot_mapping=slot_mapping.to(dev), attention_backend=backend,
             plan=kernels.attention_plan(table, seq_lens, query_start_loc, self.block_size,
-                                        self.arch.sliding_window, backend=backend))
+                                        self.arch.sliding_window, backend=backend,
+                                        native_prefill_len=self.native_prefill_len))
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         return input_ids, positions.to(dev), md
 

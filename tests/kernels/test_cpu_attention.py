@@ -25,10 +25,11 @@ needs_compiler = pytest.mark.skipif(
 
 @pytest.fixture
 def native_only(monkeypatch):
-    """Fail if a decode would take the torch path's gather instead of the kernel."""
+    """Fail if a decode or a prompt row would take the torch path instead of the kernel."""
     def refuse(*args, **kwargs):
-        raise AssertionError("decode went through the torch path")
+        raise AssertionError("a row went through the torch path")
     monkeypatch.setattr(torch_attention, "_decode_attention", refuse)
+    monkeypatch.setattr(torch_attention, "_one_sequence", refuse)
 
 
 @needs_compiler
@@ -56,6 +57,44 @@ def test_decodes_run_in_the_kernel(dtype, num_decodes, head_dim, group, block_si
     out = torch.full_like(batch.query, float("nan"))
     kernels.paged_attention(*batch.args(), out=out, sliding_window=window, backend="cpu")
     assert_close(out, reference.paged_attention(*batch.args(), sliding_window=window))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 9, 40])
+def test_prompt_rows_run_in_the_kernel(dtype, window, native_only, assert_close):
+    """Whole prompts, prefill chunks after a cached context, a 1-token prompt and decodes in
+    one batch: each prompt row is a decode over its own causal prefix, so the kernel takes
+    every row; windows shorter and longer than a block."""
+    seqs = [(0, 17), (20, 1), (33, 40), (0, 1), (5, 4), (16, 16)]
+    batch = make_batch(seqs, num_kv_heads=2, group=3, head_dim=64, block_size=16, dtype=dtype,
+                       seed=21)
+    out = torch.full_like(batch.query, float("nan"))
+    kernels.paged_attention(*batch.args(), out=out, sliding_window=window, backend="cpu")
+    assert_close(out, reference.paged_attention(*batch.args(), sliding_window=window))
+
+
+@needs_compiler
+@pytest.mark.parametrize("limit", [0, 20, 40])
+def test_prompts_longer_than_the_plans_limit_keep_sdpa(limit, monkeypatch, assert_close):
+    """native_prefill_len: the prompt rows of longer sequences go through SDPA (one call per
+    such prompt), the rest and every decode through the kernel, in one step."""
+    seqs = [(0, 17), (20, 1), (33, 40), (0, 1), (5, 4), (16, 16)]
+    batch = make_batch(seqs, num_kv_heads=2, group=3, head_dim=64, block_size=16,
+                       dtype=torch.float32, seed=22)
+    _, _, _, table, seq_lens, starts = batch.args()[:6]
+    plan = kernels.attention_plan(table, seq_lens, starts, 16, None, backend="cpu",
+                                  native_prefill_len=limit)
+    sdpa_lens = []
+    one_sequence = torch_attention._one_sequence
+
+    def counted(query, key_cache, value_cache, p, scale, out):
+        sdpa_lens.append(p.seq_len)
+        one_sequence(query, key_cache, value_cache, p, scale, out)
+    monkeypatch.setattr(torch_attention, "_one_sequence", counted)
+    out = kernels.paged_attention(*batch.args(), plan=plan)
+    assert_close(out, reference.paged_attention(*batch.args()))
+    assert sorted(sdpa_lens) == sorted(c + q for c, q in seqs if q > 1 and c + q > limit)
 
 
 @needs_compiler

@@ -200,10 +200,12 @@ def test_main_on_a_tiny_model(tmp_path: Path, capsys):
     best_gemm = max([*result["square_gflops_per_s"].values(),
                      *(r["all_gflops_per_s"] for r in result["gemms"]), best_library])
     assert ceilings["best_gemm_gflops_per_s"] == pytest.approx(best_gemm)
-    # The FLOP ceiling is the FMA loop's where it builds, else the best GEMM's.
+    # The FLOP ceiling is the FMA loop's where it builds, else the best GEMM's; the bf16 loop
+    # runs for bf16 models only.
     peak = ceilings["fma_peak_gflops_per_s"] or best_gemm
     assert ceilings["peak_gflops_per_s"] == pytest.approx(peak)
-    assert "fp32 FMA peak" in printed
+    assert ceilings["bf16_dot_peak_gflops_per_s"] is None
+    assert "fp32 FMA peak" in printed and "bf16 dot-product peak" not in printed
     per_output = counts["flops_per_output_token"] + counts["flops_per_prompt_token"] * 16 / 8
     assert ceilings["output_tok_s_large_concurrency"] == pytest.approx(peak * 1e9 / per_output)
     assert ceilings["output_tok_s_large_concurrency_at_best_gemm"] == pytest.approx(
@@ -214,6 +216,26 @@ def test_main_on_a_tiny_model(tmp_path: Path, capsys):
         best_row["all_gflops_per_s"] * 1e9 / per_output)
     assert ceilings["decode_tok_s_concurrency_1_from_m1_gemms"] == pytest.approx(
         1e3 / result["gemms"][0]["forward_ms"])
+
+
+def test_a_bf16_model_is_held_to_the_bf16_dot_product_peak(tmp_path: Path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    out_json = tmp_path / "roofline.json"
+    assert _run(["--model", str(tmp_path), "--dtype", "bfloat16", "--threads", "1",
+                 "--batch-tokens", "1", "--square-sizes", "32", "--bandwidth-mib", "1",
+                 "--iters", "1", "--warmup", "0", "--min-time", "0",
+                 "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    ceilings = json.loads(out_json.read_text())["ceilings"]
+    dot = ceilings["bf16_dot_peak_gflops_per_s"]
+    assert "bf16 dot-product peak" in printed
+    if dot is None:  # no AVX512_BF16 here: bf16 is widened and runs on the FMA units
+        assert "not measured (no AVX512_BF16)" in printed
+        assert ceilings["peak_kind"] != "bf16 dot peak"
+    else:
+        assert dot > 0 and ceilings["peak_kind"] == "bf16 dot peak"
+        assert ceilings["peak_gflops_per_s"] == pytest.approx(dot)
+        assert "(bf16 dot peak)" in printed
 
 
 def test_main_refuses_bad_input(tmp_path: Path):

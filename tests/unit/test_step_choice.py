@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.model_runner import step_choice
+from server.model_runner import prefill_choice, step_choice
 from server.model_runner.cpu import COMPILED_DECODE_ROWS
 from server.models.layers import packed_gemm
 
@@ -82,7 +82,9 @@ def test_a_server_start_measures_once_and_then_reads_the_cache(tmp_path, monkeyp
             assert len(out[0].outputs[0].token_ids) == 4
     finally:
         packed_gemm.gemm_table.cache_clear()
-    assert calls == [COMPILED_DECODE_ROWS.bit_length()]  # 1, 2, 4, ... 64: measured once
+    # 1, 2, 4, ... 64 measured once; so were the prompt attention's lengths (prefill_choice)
+    assert calls == [COMPILED_DECODE_ROWS.bit_length(),
+                     len(prefill_choice.lengths(llm.engine.max_model_len))]
     assert rows[0] == rows[1] and rows[0] in (0, 1, 2, 4, 8, 16, 32, 64)
     assert llm.engine.runner.dtype == getattr(torch, dtype)
 

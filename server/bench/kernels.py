@@ -43,7 +43,8 @@ class Result:
 
 def plan(args) -> tuple[list[Case], list[Case]]:
     """(cases to run, cases skipped for memory)."""
-    cases, skipped = [], []
+    cases: list[Case] = []
+    skipped: list[Case] = []
     for batch in args.decode_batches:
         for context in args.decode_contexts:
             case = Case("decode", batch, context)
@@ -63,7 +64,12 @@ def check_config(args) -> None:
         raise ValueError("--iters must be >= 1 and --warmup >= 0")
 
 
-def _paged_inputs(batch: int, q_lens: list[int], context: int, args, device, dtype):
+PagedInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                    torch.Tensor]  # query, key/value caches, block_table, seq_lens, query_start_loc
+
+
+def _paged_inputs(batch: int, q_lens: list[int], context: int, args, device,
+                  dtype) -> PagedInputs:
     bs = args.block_size
     blocks_per_seq = -(-context // bs)
     num_blocks = batch * blocks_per_seq

@@ -10,16 +10,13 @@ so the crossover is measured, not assumed.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 
 import torch
 
 import kernels
 from kernels import native
 from server.model_runner import step_choice
-from server.models.layers.gemm_choice import TableCache
 
 logger = logging.getLogger(__name__)
 
@@ -78,19 +75,13 @@ def measured_len(num_heads: int, num_kv_heads: int, head_dim: int, block_size: i
                  dtype: torch.dtype, sliding_window: int | None, max_len: int) -> int:
     """The longest measured length up to which the kernel beat SDPA at every length (0: not
     even at the first), read from the kernel cache directory when measured before."""
-    bounds = lengths(max_len)
-    key = json.dumps([native.cpu_signature(), torch.__version__, torch.get_num_threads(),
-                      native.build_key("paged_decode_cpu"), str(dtype), num_heads,
-                      num_kv_heads, head_dim, block_size, sliding_window, bounds])
-    cache = TableCache(native.cache_dir() / "prefill-attention.json")
-    cached = cache.value(key)
-    if isinstance(cached, int) and (cached == 0 or cached in bounds):
-        return cached
-    start = time.perf_counter()
+    key = [native.build_key("paged_decode_cpu"), str(dtype), num_heads, num_kv_heads,
+           head_dim, block_size, sliding_window]
     with torch.inference_mode():
-        limit = step_choice.choose_rows(bounds, lambda n: measure(
-            n, num_heads, num_kv_heads, head_dim, block_size, dtype, sliding_window))
-    logger.info("prompt attention measured in %.1f s: the compiled kernel up to %d tokens, "
-                "SDPA beyond", time.perf_counter() - start, limit)
-    cache.store(key, limit)
+        limit, seconds = step_choice.cached_bound(
+            "prefill-attention.json", key, lengths(max_len), lambda n: measure(
+                n, num_heads, num_kv_heads, head_dim, block_size, dtype, sliding_window))
+    if seconds is not None:
+        logger.info("prompt attention measured in %.1f s: the compiled kernel up to %d "
+                    "tokens, SDPA beyond", seconds, limit)
     return limit

@@ -70,19 +70,30 @@ def timings(step: Callable, layers: Callable, batch: tuple) -> tuple[float, floa
     return best[0], best[1]
 
 
-def measured_rows(key: Sequence[object], bounds: Sequence[int],
-                  measure: Callable[[int], tuple[float, float]]) -> int:
-    """choose_rows, read from the kernel cache directory when this key was measured before."""
+def cached_bound(file_name: str, key: Sequence[object], bounds: Sequence[int],
+                 measure: Callable[[int], tuple[float, float]]) -> tuple[int, float | None]:
+    """choose_rows, read from `file_name` in the kernel cache directory when this key (with
+    the CPU, torch version and thread count) was measured before; also the seconds the
+    measurement took (None: read from the cache)."""
     full_key = json.dumps([native.cpu_signature(), torch.__version__, torch.get_num_threads(),
-                           native.build_key("decoder_cpu"), native.build_key("gemm_cpu"),
-                           CONTEXT, list(bounds), *key])
-    cache = TableCache(native.cache_dir() / "compiled-step.json")
+                           *key, list(bounds)])
+    cache = TableCache(native.cache_dir() / file_name)
     cached = cache.value(full_key)
     if isinstance(cached, int) and (cached == 0 or cached in bounds):
-        return cached
+        return cached, None
     start = time.perf_counter()
-    rows = choose_rows(bounds, measure)
-    logger.info("compiled decode step measured against the layers in %.1f s: faster at 1-%d "
-                "rows", time.perf_counter() - start, rows)
-    cache.store(full_key, rows)
+    bound = choose_rows(bounds, measure)
+    cache.store(full_key, bound)
+    return bound, time.perf_counter() - start
+
+
+def measured_rows(key: Sequence[object], bounds: Sequence[int],
+                  measure: Callable[[int], tuple[float, float]]) -> int:
+    """choose_rows for the compiled decode step, cached per key."""
+    rows, seconds = cached_bound(
+        "compiled-step.json", [native.build_key("decoder_cpu"), native.build_key("gemm_cpu"),
+                               CONTEXT, *key], bounds, measure)
+    if seconds is not None:
+        logger.info("compiled decode step measured against the layers in %.1f s: faster at "
+                    "1-%d rows", seconds, rows)
     return rows

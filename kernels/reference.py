@@ -111,3 +111,8 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[
     table = _BYTE_BITS.to(logits.device)
     keep = table[words.view(torch.uint8).long()].view(len(rows), -1)[:, :logits.shape[1]]
     logits[index] = logits.index_select(0, index).masked_fill(~keep, float("-inf"))
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's first maximum (a row's first NaN where it has one), int64."""
+    return logits.max(dim=-1).indices

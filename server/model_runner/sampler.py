@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.argmax import argmax_rows
 from server.model_runner.request_state import RequestState
 from server.outputs import SampleResult
 from server.structured.matcher import apply_grammar_masks
@@ -110,12 +111,15 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[RequestState]) -> list[SampleResult]:
         """logits: [len(rows), vocab_size]; returns one SampleResult per row."""
-        # The edits below are in place: copy only when some row has one to make.
-        logits = logits.to(torch.float32, copy=any(_edits_logits(r) for r in rows))
-        raw_logprobs = None
+        edits = any(_edits_logits(r) for r in rows)
         max_logprobs = max((r.sampling_params.logprobs or 0 for r in rows
                             if r.sampling_params.logprobs is not None), default=-1)
         max_logprobs = min(max_logprobs, logits.shape[1])
+        if not edits and max_logprobs < 0 and all(r.sampling_params.greedy for r in rows):
+            return [SampleResult(t) for t in argmax_rows(logits).tolist()]  # in its own dtype
+        # The edits below are in place: copy only when some row has one to make.
+        logits = logits.to(torch.float32, copy=edits)
+        raw_logprobs = None
         if max_logprobs >= 0:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         _apply_logit_bias(logits, rows)
@@ -124,7 +128,7 @@ class Sampler:
         apply_grammar_masks(logits, [(i, r.grammar) for i, r in enumerate(rows)
                                      if r.grammar is not None])
 
-        sampled = logits.max(dim=-1).indices  # argmax's first-maximum ties; ~3x faster on CPU
+        sampled = argmax_rows(logits)
         random_rows = [i for i, r in enumerate(rows) if not r.sampling_params.greedy]
         if random_rows:
             sampled[random_rows] = self._sample(logits[random_rows],

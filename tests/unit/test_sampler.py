@@ -102,6 +102,23 @@ def test_greedy_is_argmax_per_row():
     assert all(r.logprob is None for r in results)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_rows_in_the_logits_dtype_match_fp32(dtype):
+    """A bf16 model's logits: the all-greedy batch (no fp32 copy) and the batch that copies to
+    fp32 (one row asks for logprobs, one samples) choose the same greedy tokens, ties first."""
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(5, 3000, generator=g) * 3).to(dtype)
+    logits[2, [100, 2900]] = 50.0  # a tie: the first wins
+    expected = logits.float().max(dim=-1).indices.tolist()
+    greedy = Sampler(seed=0)(logits, [make_row(temperature=0.0) for _ in range(5)])
+    assert [r.token_id for r in greedy] == expected
+    mixed_rows = [make_row(temperature=0.0) for _ in range(4)] + [make_row(temperature=1.0)]
+    mixed_rows[1] = make_row(temperature=0.0, logprobs=2)
+    mixed = Sampler(seed=0)(logits, mixed_rows)
+    assert [r.token_id for r in mixed[:4]] == expected[:4]
+    assert mixed[1].logprob is not None and expected[2] == 100
+
+
 def test_greedy_is_deterministic_across_sampler_seeds():
     values = [0.1, 0.5, 3.0, -1.0, 2.9, 0.0, 0.0, 0.0]
     assert {greedy_token(values) for _ in range(3)} == {2}

@@ -51,7 +51,8 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=default_of(ServerConfig, "port"))
     parser.add_argument("--served-model-name", default=default_of(ServerConfig,
                                                                   "served_model_name"),
-                        help="model name clients use (default: the model directory's name)")
+                        help="model name clients use (default: the model directory's or file's "
+                             "name)")
     parser.add_argument("--api-key", default=default_of(ServerConfig, "api_key"),
                         help="require 'Authorization: Bearer KEY' on every route but /health "
                              "(also from PAGEDSERVE_API_KEY)")

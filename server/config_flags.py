@@ -39,7 +39,8 @@ def default_of(config_class: type, name: str) -> object:
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per engine config field (server/config.py)."""
     parser.add_argument("model", nargs="?", default=default_of(ModelConfig, "model"),
-                        help="Hugging Face model directory (default: the bundled stories260k)")
+                        help="Hugging Face model directory, or a GGUF file (default: the bundled "
+                             "stories260k)")
     parser.add_argument("--seed", type=int, default=default_of(ModelConfig, "seed"),
                         help="seed of the sampler for requests without their own seed")
     add_engine_flags(parser)

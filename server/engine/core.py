@@ -12,6 +12,7 @@ from server.engine.tokenizer import load_tokenizer
 from server.kv_cache.manager import KVCacheManager
 from server.model_runner.runner import ModelRunner, effective_config
 from server.models.errors import ModelLoadError
+from server.models.gguf import find_gguf
 from server.models.loader import read_generation_defaults
 from server.models.registry import read_arch_config
 from server.outputs import EngineCheck, EngineCoreOutput, EngineStats, StepError
@@ -26,22 +27,19 @@ logger = logging.getLogger(__name__)
 _COMPILE_WAIT = 0.05  # seconds an idle engine waits for a grammar before it looks for commands
 
 
-def _not_a_model_dir(path: Path) -> str:
+def _not_a_model(path: Path) -> str:
     if not path.exists():
-        return f"model directory {path} does not exist"
-    if path.suffix == ".gguf":
-        return (f"{path} is a GGUF file: GGUF models are not supported yet; give a Hugging Face "
-                f"model directory (config.json, *.safetensors, tokenizer)")
-    return (f"{path} is not a directory; give a Hugging Face model directory (config.json, "
-            f"*.safetensors, tokenizer)")
+        return f"model {path} does not exist"
+    return (f"{path} is neither a directory nor a .gguf file; give a Hugging Face model "
+            f"directory (config.json, *.safetensors, tokenizer) or a GGUF file")
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_dir = Path(config.model.model)
-        if not self.model_dir.is_dir():
-            raise ModelLoadError(_not_a_model_dir(self.model_dir))
+        if not self.model_dir.is_dir() and find_gguf(self.model_dir) is None:
+            raise ModelLoadError(_not_a_model(self.model_dir))
         self.arch = read_arch_config(self.model_dir)
         self.max_model_len = config.model.max_model_len or self.arch.max_position_embeddings
         if self.max_model_len > self.arch.max_position_embeddings:

@@ -1,4 +1,5 @@
-"""Load a Hugging Face model directory: config, generation config, safetensors weights."""
+"""Load a Hugging Face model directory (config, generation config, safetensors weights) or a
+GGUF file (models/gguf.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from server.models.arch_config import ArchConfig
 from server.models.base import CausalLM, ModelOptions
 from server.models.errors import ModelLoadError
+from server.models.gguf import GGUFModel, find_gguf
 from server.models.registry import resolve_model_class
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,7 +39,12 @@ def resolve_dtype(dtype: str, arch: ArchConfig) -> torch.dtype:
 
 
 def read_generation_defaults(model_dir: Path) -> GenerationDefaults:
-    """EOS ids from generation_config.json (a list is allowed), else config.json."""
+    """EOS ids from generation_config.json (a list is allowed), else config.json; a GGUF
+    file's from its tokenizer metadata."""
+    gguf_file = find_gguf(model_dir)
+    if gguf_file is not None:
+        eos, bos = GGUFModel(gguf_file).special_token_ids()
+        return GenerationDefaults(eos_token_ids=eos, bos_token_id=bos)
     raw = json.loads((model_dir / "config.json").read_text())
     path = model_dir / "generation_config.json"
     gen = json.loads(path.read_text()) if path.is_file() else {}
@@ -85,9 +92,16 @@ def load_model(model_dir: Path, arch: ArchConfig, options: ModelOptions,
     """The family's model built on `device` with empty parameters, filled from the checkpoint
     by each parameter's weight_loader; every parameter must be filled."""
     model_cls = resolve_model_class(arch.architecture)
-    files = _weight_files(model_dir)
+    gguf_file = find_gguf(model_dir)
+    files = [] if gguf_file is not None else _weight_files(model_dir)
     with torch.device(device):
         model = model_cls(arch, options)
+    if gguf_file is not None:
+        gguf = GGUFModel(gguf_file)
+        loaded = model.load_weights(tqdm(gguf.tensors(options.dtype), total=gguf.num_tensors,
+                                         desc="Loading weights", unit="tensor", leave=False))
+        _check_complete(model, loaded, gguf_file)
+        return model.eval()
     names: list[tuple[Path, str]] = []
     for path in files:
         names.extend((path, name) for name in _open_weights(path).keys())

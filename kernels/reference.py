@@ -116,3 +116,30 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """The index of each row's first maximum (a row's first NaN where it has one), int64."""
     return logits.max(dim=-1).indices
+
+
+def quantize_rows_q8(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [rows, in] fp32 -> (int8 values [rows, in], scales [rows, in / block]) as the
+    8-bit GEMM quantizes them: d = max|x| / 127, q = round(x * (1 / d)) to nearest even."""
+    xb = x.to(torch.float32).reshape(x.shape[0], -1, block)
+    d = xb.abs().amax(dim=-1) / 127.0
+    inv = torch.where(d == 0, 0.0, 1.0 / d)
+    q = (xb * inv.unsqueeze(-1)).round().clamp(-127, 127)
+    return q.reshape(x.shape).to(torch.int8), d
+
+
+def linear_q8_0(x: torch.Tensor, scales: torch.Tensor, values: torch.Tensor,
+                bias: torch.Tensor | None = None, block: int = 32) -> torch.Tensor:
+    """F.linear of fp32 x [rows, in] with 8-bit weights: values [out, in] int8 with scales
+    [out, in / block] (fp16), in the 8-bit GEMM's arithmetic: activations quantized per block,
+    each block's dot product exact, then times both scales, summed over blocks in fp32."""
+    xq, xd = quantize_rows_q8(x, block)
+    rows, out_features = x.shape[0], values.shape[0]
+    xi = xq.to(torch.float64).reshape(rows, -1, block).transpose(0, 1)  # [blocks, rows, block]
+    wi = values.to(torch.float64).reshape(out_features, -1, block).permute(1, 2, 0)
+    dots = torch.bmm(xi, wi).to(torch.float32)  # exact: |sum| < 2^24 · [blocks, rows, out]
+    weights = scales.to(torch.float32).t().unsqueeze(1) * xd.t().unsqueeze(2)
+    out = torch.zeros(rows, out_features, dtype=torch.float32)
+    for b in range(dots.shape[0]):
+        out += dots[b] * weights[b]
+    return out if bias is None else out + bias

@@ -1,0 +1,99 @@
+"""The 8-bit CPU GEMM (kernels/cpu_quant.py, csrc/gemm_q8_cpu.cpp) against its torch reference
+(kernels/reference.py `linear_q8_0`) and against plain F.linear, with VNNI where this CPU has
+it and with the plain-loop fallback built for any CPU; the Q8_0 blocks against the `gguf`
+package's own (de)quantizer."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from kernels import cpu_quant, native, reference
+
+
+@pytest.fixture(autouse=True, scope="module")
+def built():
+    assert cpu_quant.available(), "the 8-bit GEMM must build here"
+
+
+def _case(rows, k, n, seed, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    w[0, :32] = 0.0  # an all-zero block: scale 0
+    x = torch.randn(rows, k, generator=gen)
+    if rows > 1:
+        x[1, 32:64] = 0.0
+    b = torch.randn(n, generator=gen) if bias else None
+    return w, x, b
+
+
+SHAPES = [(1, 32, 1), (2, 64, 17), (3, 64, 40), (4, 96, 16), (5, 576, 960), (9, 1536, 576),
+          (64, 576, 200), (1, 576, 49152 + 7)]
+
+
+@pytest.mark.parametrize("rows,k,n", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_equals_the_reference_and_approximates_float(rows, k, n, bias):
+    w, x, b = _case(rows, k, n, seed=rows * 1000 + n, bias=bias)
+    blocks = cpu_quant.quantize_q8_0(w)
+    out = cpu_quant.linear_q8_0(x, cpu_quant.pack_q8_0(blocks), b, n)
+    scales, values = cpu_quant.split_q8_0(blocks)
+    expected = reference.linear_q8_0(x, scales, values, b)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    exact = torch.nn.functional.linear(x, w, b)
+    assert (out - exact).abs().max() <= 0.02 * exact.abs().max() + 1e-3
+
+
+def test_strided_rows():
+    w, x, b = _case(6, 128, 48, seed=7)
+    wide = torch.zeros(6, 200)
+    wide[:, 10:138] = x
+    view = wide[:, 10:138]
+    packed = cpu_quant.pack_q8_0(cpu_quant.quantize_q8_0(w))
+    torch.testing.assert_close(cpu_quant.linear_q8_0(view, packed, b, 48),
+                               cpu_quant.linear_q8_0(x.contiguous(), packed, b, 48))
+
+
+def test_blocks_match_the_gguf_package():
+    w = (torch.randn(24, 96) * 0.1).numpy()
+    theirs = torch.from_numpy(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0))
+    ours = cpu_quant.quantize_q8_0(torch.from_numpy(w))
+    assert ours.shape == theirs.shape
+    # round-half-to-even here, half-away-from-zero there: ties of random floats are absent
+    assert torch.equal(ours, theirs)
+    np.testing.assert_array_equal(
+        cpu_quant.dequantize_q8_0(theirs).numpy(),
+        gguf.quants.dequantize(theirs.numpy(), gguf.GGMLQuantizationType.Q8_0))
+
+
+def test_bad_inner_size_is_refused():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cpu_quant.quantize_q8_0(torch.zeros(4, 40))
+
+
+def test_the_plain_loop_fallback_gives_the_same_sums(tmp_path):
+    """The kernel built without VNNI (as on a CPU without it) runs the plain loops."""
+    compiler = native._compiler()
+    assert compiler is not None
+    lib_path = tmp_path / "q8_fallback.so"
+    source = native.SOURCE_DIR / "gemm_q8_cpu.cpp"
+    subprocess.run([compiler, *native.FLAGS, "-mno-avx512vnni", "-o", str(lib_path),
+                    str(source)], check=True, capture_output=True, timeout=300)
+    lib = ctypes.CDLL(str(lib_path))
+    for name, (args, restype) in cpu_quant._SIGNATURES.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = args, restype
+    assert lib.pagedserve_gemm_q8_0_vnni() == 0
+    for rows, k, n in [(3, 64, 40), (5, 576, 33)]:
+        w, x, b = _case(rows, k, n, seed=n)
+        blocks = cpu_quant.quantize_q8_0(w)
+        packed = cpu_quant.pack_q8_0(blocks)
+        out = torch.empty(rows, n)
+        lib.pagedserve_gemm_q8_0_f32(x.data_ptr(), x.stride(0), packed.data_ptr(), b.data_ptr(),
+                                     out.data_ptr(), out.stride(0), rows, n, k, 2)
+        torch.testing.assert_close(out, reference.linear_q8_0(x, *cpu_quant.split_q8_0(blocks),
+                                                              b), rtol=1e-5, atol=1e-5)

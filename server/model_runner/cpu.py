@@ -21,6 +21,7 @@ from server.models.layers import packed_gemm
 from server.models.layers.gemm_choice import bucket_bounds
 from server.models.layers.linear import Linear, pack_linear_weights
 from server.models.layers.packed_gemm import GemmPolicy, PackedWeight
+from server.models.layers.quantized_linear import is_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,9 @@ def pack_for_cpu(model: CausalLM, choice: KernelChoice, config: ModelConfig, max
         if isinstance(packed, PackedWeight):
             tables[f"{packed.shape[1]}x{packed.shape[0]}"] = packed.table.describe()
     served = "; ".join(f"{shape}: {table}" for shape, table in tables.items())
-    return f"{count} packed (GEMM per row count, in x out: {served or 'F.linear everywhere'})"
+    quantized = sum(is_quantized(m) for m in model.modules())
+    return (f"{count} packed (GEMM per row count, in x out: {served or 'F.linear everywhere'})"
+            + (f", {quantized} in 8-bit blocks (kernels.cpu_quant)" if quantized else ""))
 
 
 def _not_compiled_because(model: CausalLM, export: DecoderExport | None) -> str | None:
@@ -87,6 +90,8 @@ def _not_compiled_because(model: CausalLM, export: DecoderExport | None) -> str 
     weight = export.embed_tokens.weight
     if weight.dtype not in cpu_decoder.DTYPES or weight.device.type != "cpu":
         return f"it computes in fp32 or bf16 on CPU only, not {weight.dtype} on {weight.device}"
+    if any(is_quantized(m) for m in _projections(export)):
+        return "8-bit projections (the step takes fp32 and bf16 weights only)"
     if any(m.packed is None or m.packed.own is None for m in _projections(export)):
         return ("not every projection has a copy for the compiled GEMM (made where the own "
                 "GEMM measured fastest at some row count; --cpu-gemm own forces it)")

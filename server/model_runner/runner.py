@@ -24,7 +24,8 @@ from server.models.arch_config import ArchConfig
 from server.models.attention_metadata import AttentionMetadata
 from server.models.base import ModelOptions
 from server.models.errors import ModelLoadError
-from server.models.layers.linear import get_linear_method
+from server.models.gguf import find_gguf
+from server.models.layers.linear_methods import get_linear_method
 from server.models.loader import load_model, resolve_dtype
 from server.outputs import RunnerOutput, SampleResult
 from server.scheduler.output import NewRequestData, SchedulerOutput
@@ -75,11 +76,19 @@ def effective_config(config: EngineConfig, runner: ModelRunner,
         config.model, max_model_len=max_model_len,
         dtype=str(runner.dtype).removeprefix("torch."), device=runner.device.type,
         attention_backend=runner.kernels.attention_backend,
-        compiled_decode=runner.compiled_step is not None)
+        compiled_decode=runner.compiled_step is not None, quantization=runner.quantization)
     cache = dataclasses.replace(config.cache, num_blocks=runner.num_blocks,
                                 kv_cache_memory=runner.num_blocks * runner.bytes_per_block)
     return dataclasses.replace(config, model=model, cache=cache,
                                scheduler=config.scheduler.for_device(runner.device.type))
+
+
+def weight_format(quantization: str, model_dir: Path) -> str:
+    """The quantization in effect: a GGUF file's own blocks ("gguf") where none is asked."""
+    is_gguf = find_gguf(model_dir) is not None
+    if quantization == "gguf" and not is_gguf:
+        raise ModelLoadError(f"quantization 'gguf' takes a GGUF file; {model_dir} is none")
+    return "gguf" if quantization == "none" and is_gguf else quantization
 
 
 class ModelRunner:
@@ -95,9 +104,10 @@ class ModelRunner:
             keep_freed_memory_mapped()
         self.dtype = resolve_dtype(config.model.dtype, arch)
         self.kernels = choose_kernels(config.model, self.device, self.dtype)
+        self.quantization = weight_format(config.model.quantization, model_dir)
         options = ModelOptions(max_position=max(max_model_len, arch.max_position_embeddings),
                                dtype=self.dtype,
-                               linear_method=get_linear_method(config.model.quantization),
+                               linear_method=get_linear_method(self.quantization),
                                kernel_backend=self.kernels.kernel_backend)
         self.model = load_model(model_dir, arch, options, self.device)
         packed = "none (not on CPU)"

@@ -4,9 +4,11 @@ Hugging Face's tensor names, so a GGUF model loads through the same `load_weight
 safetensors checkpoint. The tokenizer comes from the file too (engine/tokenizer.py, through
 transformers' GGUF tokenizer conversion).
 
-Quantized tensor types with no kernel here are dequantized at load into the model's dtype, one
-tensor at a time, with one warning per type. llama.cpp's converter permutes the rows of a
-`llama` model's q and k projections for its rotary layout; they are permuted back here.
+The linear layers' Q8_0 tensors stay 8-bit blocks for the LinearMethod that takes them
+(models/layers/quantized_linear.py); quantized tensor types with no kernel here are
+dequantized at load into the model's dtype, one tensor at a time, with one warning per type.
+llama.cpp's converter permutes the rows of a `llama` model's q and k projections for its rotary
+layout; they are permuted back here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from server.models.errors import ModelLoadError
+from server.models.layers.quantized_linear import Q8Blocks
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_LINEAR_WEIGHTS = ("_proj.weight", "lm_head.weight")  # what a LinearMethod loads
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _SPLIT_FILE = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 
@@ -186,14 +190,22 @@ class GGUFModel:
     def num_tensors(self) -> int:
         return len(self._tensors)
 
-    def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face name, tensor) for every tensor; quantized ones dequantized to `dtype`."""
+    def tensors(self, dtype: torch.dtype, keep: Sequence[str] = ()
+                ) -> Iterator[tuple[str, torch.Tensor | Q8Blocks]]:
+        """(Hugging Face name, tensor) for every tensor; the linear layers' tensors of a type in
+        `keep` (the LinearMethod's `gguf_kinds`) as their blocks, other quantized ones
+        dequantized to `dtype`."""
         from gguf.quants import dequantize
 
         dequantized: Counter[str] = Counter()
         for name, t in self._tensors.items():
             hf_name = self._hf_name(name)
             kind = t.tensor_type.name
+            if kind in keep and hf_name.endswith(_LINEAR_WEIGHTS):
+                blocks = self._unpermute(name, torch.from_numpy(np.array(t.data)))
+                shape = _shape(t)
+                yield hf_name, Q8Blocks(blocks, (shape[0], shape[1]))
+                continue
             if kind in _PLAIN_TYPES:
                 data = np.array(t.data)  # a copy: the memory map stays read-only
                 tensor = (torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)

@@ -98,7 +98,8 @@ def load_model(model_dir: Path, arch: ArchConfig, options: ModelOptions,
         model = model_cls(arch, options)
     if gguf_file is not None:
         gguf = GGUFModel(gguf_file)
-        loaded = model.load_weights(tqdm(gguf.tensors(options.dtype), total=gguf.num_tensors,
+        keep = getattr(options.linear_method, "gguf_kinds", ())
+        loaded = model.load_weights(tqdm(gguf.tensors(options.dtype, keep), total=gguf.num_tensors,
                                          desc="Loading weights", unit="tensor", leave=False))
         _check_complete(model, loaded, gguf_file)
         return model.eval()

@@ -2,7 +2,7 @@
 
 A `LinearMethod` owns a linear layer's weights in one storage format: it creates them, loads
 checkpoint tensors into them, repacks them for the CPU GEMMs, and computes the matmul. The
-`quantization` config field names the method (`QUANTIZATION_METHODS`; only "none" so far). The
+`quantization` config field names the method (layers/linear_methods.py). The
 layers fix only the shapes: `Linear` [output_size, input_size], and `MergedLinear`, several
 outputs side by side (q/k/v, gate/up) that the checkpoint stores as separate tensors (shards).
 """
@@ -53,17 +53,6 @@ class UnquantizedLinearMethod:
     def pack(self, layer: Linear, policy: GemmPolicy) -> bool:
         layer.packed = packed_weight(layer.weight, layer.bias, policy)
         return layer.packed is not None
-
-
-QUANTIZATION_METHODS: dict[str, type[LinearMethod]] = {"none": UnquantizedLinearMethod}
-
-
-def get_linear_method(quantization: str) -> LinearMethod:
-    try:
-        return QUANTIZATION_METHODS[quantization]()
-    except KeyError:
-        raise ValueError(f"quantization {quantization!r} is not supported; supported: "
-                         f"{', '.join(QUANTIZATION_METHODS)}") from None
 
 
 class Linear(nn.Module):

@@ -1,0 +1,97 @@
+"""8-bit linear weights: a LinearMethod whose layers keep GGUF's Q8_0 blocks (32 values along
+the input, one scale each) and compute with kernels.cpu_quant's GEMM, never with a dequantized
+copy of the matrix.
+
+Two modes, one method. "gguf": the blocks a GGUF file holds stay blocks (`Q8Blocks` from
+models/gguf.py); float tensors stay float. "int8": float tensors are quantized to the same
+blocks at load as well (weight-only, one scale per 32 values). A layer is decided when its last
+shard arrives: its q, k and v (or gate and up) become one block matrix when every shard can be
+one; otherwise, and where the kernel cannot run (no CPU, an input size that is no multiple of
+32), the layer keeps a float weight in the model's dtype, dequantized where it must be.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kernels import cpu_quant
+from server.models.layers.linear import Linear, UnquantizedLinearMethod
+from server.models.layers.packed_gemm import GemmPolicy
+from server.models.layers.weights import ShapeMismatch, set_weight_loader
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Q8Blocks:
+    """A [rows, cols] weight as Q8_0 blocks: `blocks` [rows, cols / 32 * 34] uint8."""
+
+    blocks: torch.Tensor
+    shape: tuple[int, int]
+
+
+class Int8LinearMethod:
+    gguf_kinds = ("Q8_0",)  # the GGUF tensor types this method takes as they are
+
+    def __init__(self, quantize_floats: bool) -> None:
+        self.quantize_floats = quantize_floats
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        UnquantizedLinearMethod().create_weights(layer, dtype)
+        # The weight's storage comes when its last shard arrives (float or blocks).
+        layer.weight = set_weight_loader(
+            nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False),
+            functools.partial(self._load, layer), layer.weight.shard_ids)  # type: ignore
+        layer.q8 = None  # type: ignore[attr-defined]
+        layer.pending = {}  # type: ignore[attr-defined]
+
+    def _load(self, layer: Linear, param: nn.Parameter, tensor: Any, shard_id: Any) -> None:
+        rows = layer.output_size if shard_id is None else layer.output_sizes[shard_id]
+        if tuple(tensor.shape) != (rows, layer.input_size):
+            raise ShapeMismatch(f"the checkpoint has {tuple(tensor.shape)}, the config implies "
+                                f"{(rows, layer.input_size)}")
+        pending: dict = layer.pending  # type: ignore[attr-defined]
+        pending[shard_id] = tensor
+        shard_ids = param.shard_ids  # type: ignore[attr-defined]
+        if len(pending) == len(shard_ids):
+            self._assemble(layer, param, [pending.pop(s) for s in shard_ids])
+
+    def _assemble(self, layer: Linear, param: nn.Parameter, parts: list) -> None:
+        runs = (param.device.type == "cpu" and layer.input_size % cpu_quant.BLOCK == 0
+                and cpu_quant.available())
+        if runs and all(isinstance(p, Q8Blocks) or self.quantize_floats for p in parts):
+            blocks = torch.cat([p.blocks if isinstance(p, Q8Blocks)
+                                else cpu_quant.quantize_q8_0(p) for p in parts])
+            layer.q8 = cpu_quant.pack_q8_0(blocks)  # type: ignore[attr-defined]
+            return
+        if any(isinstance(p, Q8Blocks) for p in parts):
+            logger.warning("a %dx%d projection's Q8_0 blocks are dequantized: %s",
+                           layer.input_size, layer.output_size,
+                           "its shards differ in type" if runs else
+                           "the 8-bit GEMM runs on CPU only, on inputs of a multiple of 32")
+        param.data = torch.cat([cpu_quant.dequantize_q8_0(p.blocks) if isinstance(p, Q8Blocks)
+                                else p for p in parts]).to(param.device, param.dtype)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        q8 = getattr(layer, "q8", None)
+        if q8 is None:
+            return UnquantizedLinearMethod().apply(layer, x)
+        bias = None if layer.bias is None else layer.bias.to(torch.float32)
+        out = cpu_quant.linear_q8_0(x.to(torch.float32).contiguous(), q8, bias, layer.output_size)
+        return out.to(x.dtype)
+
+    def pack(self, layer: Linear, policy: GemmPolicy) -> bool:
+        if getattr(layer, "q8", None) is not None:
+            return False
+        return UnquantizedLinearMethod().pack(layer, policy)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether a linear layer computes from 8-bit blocks."""
+    return getattr(module, "q8", None) is not None

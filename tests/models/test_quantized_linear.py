@@ -1,0 +1,122 @@
+"""8-bit linear layers (server/models/layers/quantized_linear.py): a GGUF file's Q8_0 blocks
+stay blocks, `quantization="int8"` makes them from a float checkpoint, and the served greedy
+tokens equal those of the same model with the 8-bit GEMM replaced by its torch reference
+(kernels/reference.py `linear_q8_0`), so the shards, the q/k row order and the biases reach the
+kernel intact. A layer whose shards differ in type, or whose inputs are no multiple of 32,
+keeps a float weight."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from kernels import cpu_quant, reference
+from server import LLM, SamplingParams
+from server.models.layers.linear import Linear, MergedLinear
+from server.models.layers.quantized_linear import Int8LinearMethod, Q8Blocks, is_quantized
+from tests.gguf_factory import write_gguf
+from tests.model_factory import make_tiny_model
+from tests.models.conftest import random_prompts
+
+SMALL_CACHE = 1 << 22
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def unpack(packed: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_q8_0's tiles -> (scales [out, in / 32], values [out, in])."""
+    nb, kb, _ = packed.shape
+    values = packed[..., :512].contiguous().view(torch.int8).view(nb, kb, 8, 16, 4)
+    values = values.permute(0, 3, 1, 2, 4).reshape(nb * 16, kb * 32)
+    scales = packed[..., 512:544].contiguous().view(torch.float16).permute(0, 2, 1)
+    return scales.reshape(nb * 16, kb)[:out_features], values[:out_features]
+
+
+def torch_arithmetic(monkeypatch) -> None:
+    """The 8-bit GEMM replaced by the torch reference of its arithmetic."""
+    def linear_q8_0(x, packed, bias, out_features):
+        return reference.linear_q8_0(x, *unpack(packed, out_features), bias)
+
+    monkeypatch.setattr(cpu_quant, "linear_q8_0", linear_q8_0)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("q8-models")
+    return {"llama": make_tiny_model(root / "llama", "llama", rope_scaling=None),
+            "qwen2": make_tiny_model(root / "qwen2", "qwen2")}
+
+
+def run(path, prompts, **kwargs):
+    llm = LLM(str(path), kv_cache_memory=SMALL_CACHE, dtype="float32", **kwargs)
+    return llm, [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+
+
+def projections(llm) -> list:
+    return [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_q8_0_blocks_are_served_8_bit(arch, models, tmp_path, monkeypatch):
+    path = write_gguf(models[arch], tmp_path / f"{arch}.gguf", "Q8_0")
+    prompts = random_prompts(seed=21, count=3, min_len=3, max_len=30)
+    llm, tokens = run(path, prompts)
+    assert llm.engine.config.model.quantization == "gguf"
+    assert all(is_quantized(m) for m in projections(llm))  # q/k/v, o, gate/up, down, the head
+    assert llm.engine.runner.compiled_step is None
+    with monkeypatch.context() as m:
+        torch_arithmetic(m)
+        assert run(path, prompts)[1] == tokens
+
+
+def test_int8_quantizes_a_float_checkpoint(models, monkeypatch):
+    prompts = random_prompts(seed=22, count=3, min_len=3, max_len=30)
+    llm, tokens = run(models["qwen2"], prompts, quantization="int8")
+    assert llm.engine.config.model.quantization == "int8"
+    layers = projections(llm)
+    assert layers and all(is_quantized(m) and m.weight.numel() == 0 for m in layers)
+    with monkeypatch.context() as m:
+        torch_arithmetic(m)
+        assert run(models["qwen2"], prompts, quantization="int8")[1] == tokens
+
+
+def test_shards_of_different_types_keep_a_float_layer(models, tmp_path, monkeypatch, caplog):
+    path = write_gguf(models["llama"], tmp_path / "mixed.gguf", "Q8_0",
+                      {"blk.0.attn_v.weight": "Q4_0"})
+    prompts = random_prompts(seed=23, count=2, min_len=3, max_len=20)
+    with caplog.at_level(logging.WARNING):
+        llm, tokens = run(path, prompts)
+    qkv0 = llm.engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert not is_quantized(qkv0) and qkv0.weight.shape == (qkv0.output_size, qkv0.input_size)
+    assert "shards differ in type" in caplog.text
+    assert sum(not is_quantized(m) for m in projections(llm)) == 1
+    with monkeypatch.context() as m:
+        torch_arithmetic(m)
+        assert run(path, prompts)[1] == tokens
+
+
+def test_the_gguf_format_needs_a_gguf_file(models):
+    with pytest.raises(Exception, match="quantization 'gguf' takes a GGUF file"):
+        LLM(str(models["llama"]), kv_cache_memory=SMALL_CACHE, quantization="gguf")
+
+
+def test_a_layer_the_kernel_cannot_take_stays_float():
+    torch.manual_seed(0)
+    method = Int8LinearMethod(quantize_floats=True)
+    odd = Linear(40, 16, method=method)  # inputs no multiple of 32
+    w = torch.randn(16, 40)
+    odd.weight.weight_loader(odd.weight, w, None)
+    assert not is_quantized(odd) and torch.equal(odd.weight, w)
+    merged = MergedLinear(64, [16, 8], method=Int8LinearMethod(quantize_floats=False))
+    a, b = torch.randn(16, 64), torch.randn(8, 64)
+    merged.weight.weight_loader(merged.weight, Q8Blocks(cpu_quant.quantize_q8_0(a), (16, 64)), 0)
+    assert merged.weight.numel() == 0  # waits for its last shard
+    merged.weight.weight_loader(merged.weight, Q8Blocks(cpu_quant.quantize_q8_0(b), (8, 64)), 1)
+    assert is_quantized(merged)
+    x = torch.randn(3, 64)
+    blocks = cpu_quant.quantize_q8_0(torch.cat([a, b]))
+    torch.testing.assert_close(merged(x), reference.linear_q8_0(
+        x, *cpu_quant.split_q8_0(blocks)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="the config implies"):
+        merged.weight.weight_loader(merged.weight, torch.zeros(9, 64), 1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kernels import cpu_linear, native
+from kernels import cpu_linear, cpu_quant, native
 from kernels.native import F32, I32, I64, PTR
 
 _NAME = "decoder_cpu"
@@ -49,10 +49,15 @@ class LayerTensors:
     value_cache: torch.Tensor
     # bf16: qkv, o, gate_up, down run on AMX tiles from this many rows (cpu_linear.linear)
     amx_min_rows: tuple[int, int, int, int] = (1, 1, 1, 1)
+    # fp32: which of qkv, o, gate_up, down are kernels.cpu_quant.pack_q8_0 tiles (uint8)
+    q8: tuple[bool, bool, bool, bool] = (False, False, False, False)
 
 
-TENSOR_COLUMNS = tuple(f.name for f in fields(LayerTensors) if f.name != "amx_min_rows")
-LAYER_COLUMNS = (*TENSOR_COLUMNS, "qkv_amx", "o_amx", "gate_up_amx", "down_amx")
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
+TENSOR_COLUMNS = tuple(f.name for f in fields(LayerTensors)
+                       if f.name not in ("amx_min_rows", "q8"))
+LAYER_COLUMNS = (*TENSOR_COLUMNS, "qkv_amx", "o_amx", "gate_up_amx", "down_amx", "qkv_q8",
+                 "o_q8", "gate_up_q8", "down_q8")
 
 
 def _library() -> ctypes.CDLL | None:
@@ -84,7 +89,9 @@ class DecoderTensors:
         def packed(out_features: int, in_features: int) -> tuple[int, ...]:
             return cpu_linear.packed_shape(out_features, in_features, dtype)
 
-        self.intermediate = layers[0].down[0].numel() // 16  # down's inputs, in either layout
+        down = layers[0].down  # its inputs, in any of the layouts
+        self.intermediate = (down.shape[1] * cpu_quant.BLOCK if layers[0].q8[3]
+                             else down[0].numel() // 16)
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.cache_shape = layers[0].key_cache.shape
         self.cache_stride = layers[0].key_cache.stride()
@@ -101,15 +108,25 @@ class DecoderTensors:
             "down": packed(hidden, self.intermediate), "down_bias": (hidden,),
         }
         self._check(final_norm, (hidden,), "final_norm")
+        q8_shapes = {"qkv": (q_size + 2 * kv_size, hidden), "o": (hidden, q_size),
+                     "gate_up": (2 * self.intermediate, hidden),
+                     "down": (hidden, self.intermediate)}
         table = torch.zeros((len(layers), len(LAYER_COLUMNS)), dtype=torch.int64)
         for i, layer in enumerate(layers):
             assert (layer.q_norm is None) == (layer.k_norm is None)
-            table[i, len(TENSOR_COLUMNS):] = torch.tensor(layer.amx_min_rows)
+            assert dtype == torch.float32 or not any(layer.q8), "8-bit projections: fp32 only"
+            amx = len(TENSOR_COLUMNS)
+            table[i, amx:amx + 4] = torch.tensor(layer.amx_min_rows)
+            table[i, amx + 4:] = torch.tensor([int(q) for q in layer.q8])
             for j, name in enumerate(TENSOR_COLUMNS):
                 t = getattr(layer, name)
                 if t is None:
                     continue
-                if name in ("key_cache", "value_cache"):
+                if name in PROJECTIONS and layer.q8[PROJECTIONS.index(name)]:
+                    shape = cpu_quant.packed_shape(*q8_shapes[name])
+                    assert t.dtype == torch.uint8 and t.device.type == "cpu", name
+                    assert t.is_contiguous() and tuple(t.shape) == shape, (name, t.shape, shape)
+                elif name in ("key_cache", "value_cache"):
                     assert t.shape == self.cache_shape and t.stride() == self.cache_stride, name
                     assert t.dtype == dtype and t.device.type == "cpu", name
                 else:

@@ -3,7 +3,8 @@
 // cache write, attention and SiLU-and-mul in one call and one OpenMP parallel region, the
 // phases separated by the barriers of their work-sharing loops. Per layer this replaces ~20
 // torch ops and kernel calls from Python, whose cost (dispatch, waking threads, caches the
-// weight streams evicted) exceeded the arithmetic at these batch sizes.
+// weight streams evicted) exceeded the arithmetic at these batch sizes. fp32 steps take
+// 8-bit projections too (gemm_q8.h: the input rows quantized, then the int8 GEMM).
 //
 // Same additions in the same order as the model's layers (server/models/llama.py): the residual
 // stream carries the sum of everything before a layer's MLP output. In bf16 every activation
@@ -12,6 +13,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -20,15 +22,24 @@
 #include "fused.h"
 #include "gemm.h"
 #include "gemm_bf16.h"
+#include "gemm_q8.h"
 #include "paged_decode.h"
 
 namespace {
 
 // Columns of the per-layer table (kernels/cpu_decoder.py LAYER_COLUMNS): pointers (0: absent),
-// then each projection's amx_min_rows (gemm_bf16.h).
+// then each projection's amx_min_rows (gemm_bf16.h), then whether each projection is 8-bit
+// tiles (gemm_q8.h; fp32 steps only).
 enum Column {
   kInputNorm, kQkv, kQkvBias, kQNorm, kKNorm, kO, kOBias, kPostNorm, kGateUp, kGateUpBias,
-  kDown, kDownBias, kKeyCache, kValueCache, kQkvAmx, kOAmx, kGateUpAmx, kDownAmx, kColumns
+  kDown, kDownBias, kKeyCache, kValueCache, kQkvAmx, kOAmx, kGateUpAmx, kDownAmx, kQkvQ8,
+  kOQ8, kGateUpQ8, kDownQ8, kColumns
+};
+
+// The activation rows of an 8-bit projection, quantized (gemm_q8.h): shared by the threads.
+struct Q8Scratch {
+  uint8_t* values;
+  float* scales;
 };
 
 template <typename T>
@@ -55,13 +66,21 @@ inline const T* column(const int64_t* layer, Column c) {
 }
 
 inline void gemm(const float* x, int64_t ldx, const float* packed, const float* bias,
-                 float* out, int64_t ldo, int64_t rows, int n, int k, int64_t) {
+                 float* out, int64_t ldo, int64_t rows, int n, int k, int64_t, int64_t q8,
+                 const Q8Scratch& scratch) {
+  if (q8 != 0) {
+    pagedserve::q8::quantize_rows_for(x, ldx, rows, k, scratch.values, scratch.scales);
+    pagedserve::q8::gemm_for(scratch.values, scratch.scales,
+                             reinterpret_cast<const uint8_t*>(packed), bias, out, ldo, rows, n,
+                             k);
+    return;
+  }
   pagedserve::gemm_packed_for(x, ldx, packed, bias, out, ldo, rows, n, k);
 }
 
 inline void gemm(const pagedserve::bf16* x, int64_t ldx, const pagedserve::bf16* packed,
                  const pagedserve::bf16* bias, pagedserve::bf16* out, int64_t ldo, int64_t rows,
-                 int n, int k, int64_t amx_min_rows) {
+                 int n, int k, int64_t amx_min_rows, int64_t, const Q8Scratch&) {
   pagedserve::gemm_packed_bf16_for(x, ldx, packed, bias, out, ldo, rows, n, k, amx_min_rows);
 }
 
@@ -79,6 +98,10 @@ void run_step(const Step<T>& s, const int64_t* index, int num_threads) {
   T* gate_up = attn + M * q_size;  // [M, 2 I]
   T* act = gate_up + M * 2 * I;    // [M, I]
   std::memcpy(residual, s.embeddings, sizeof(T) * M * H);
+  const int64_t widest = std::max({H, q_size, I});  // the inputs of a projection
+  std::vector<uint8_t> q8_values(M * widest);
+  std::vector<float> q8_scales(M * widest / 32 + 1);
+  const Q8Scratch q8{q8_values.data(), q8_scales.data()};
 
 #pragma omp parallel num_threads(num_threads)
   {
@@ -90,7 +113,7 @@ void run_step(const Step<T>& s, const int64_t* index, int num_threads) {
         pagedserve::add_rms_norm_row(l == 0 ? nullptr : h + m * H, residual + m * H,
                                      column<T>(p, kInputNorm), x + m * H, H, s.eps);
       gemm(x, H, column<T>(p, kQkv), column<T>(p, kQkvBias), qkv, qkv_n, M,
-           static_cast<int>(qkv_n), static_cast<int>(H), p[kQkvAmx]);
+           static_cast<int>(qkv_n), static_cast<int>(H), p[kQkvAmx], p[kQkvQ8], q8);
       T* key_cache = const_cast<T*>(column<T>(p, kKeyCache));
       T* value_cache = const_cast<T*>(column<T>(p, kValueCache));
 #pragma omp for schedule(static)
@@ -121,19 +144,19 @@ void run_step(const Step<T>& s, const int64_t* index, int num_threads) {
                                s.scale, s.sliding_window};
       pagedserve::attend_all_for<HEAD_DIM>(a, M, static_cast<int>(D), scratch);
       gemm(attn, q_size, column<T>(p, kO), column<T>(p, kOBias), o, H, M, static_cast<int>(H),
-           static_cast<int>(q_size), p[kOAmx]);
+           static_cast<int>(q_size), p[kOAmx], p[kOQ8], q8);
 #pragma omp for schedule(static)
       for (int64_t m = 0; m < M; ++m)
         pagedserve::add_rms_norm_row(o + m * H, residual + m * H, column<T>(p, kPostNorm),
                                      x + m * H, H, s.eps);
       gemm(x, H, column<T>(p, kGateUp), column<T>(p, kGateUpBias), gate_up, 2 * I, M,
-           static_cast<int>(2 * I), static_cast<int>(H), p[kGateUpAmx]);
+           static_cast<int>(2 * I), static_cast<int>(H), p[kGateUpAmx], p[kGateUpQ8], q8);
 #pragma omp for schedule(static)
       for (int64_t m = 0; m < M; ++m)
         pagedserve::silu_and_mul_row(gate_up + m * 2 * I, gate_up + m * 2 * I + I, act + m * I,
                                      I);
       gemm(act, I, column<T>(p, kDown), column<T>(p, kDownBias), h, H, M, static_cast<int>(H),
-           static_cast<int>(I), p[kDownAmx]);
+           static_cast<int>(I), p[kDownAmx], p[kDownQ8], q8);
     }
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m)

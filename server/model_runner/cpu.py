@@ -90,9 +90,10 @@ def _not_compiled_because(model: CausalLM, export: DecoderExport | None) -> str 
     weight = export.embed_tokens.weight
     if weight.dtype not in cpu_decoder.DTYPES or weight.device.type != "cpu":
         return f"it computes in fp32 or bf16 on CPU only, not {weight.dtype} on {weight.device}"
-    if any(is_quantized(m) for m in _projections(export)):
-        return "8-bit projections (the step takes fp32 and bf16 weights only)"
-    if any(m.packed is None or m.packed.own is None for m in _projections(export)):
+    if weight.dtype != torch.float32 and any(is_quantized(m) for m in _projections(export)):
+        return "8-bit projections in a bf16 model (the step takes them in fp32 only)"
+    if any(not is_quantized(m) and (m.packed is None or m.packed.own is None)
+           for m in _projections(export)):
         return ("not every projection has a copy for the compiled GEMM (made where the own "
                 "GEMM measured fastest at some row count; --cpu-gemm own forces it)")
     if not cpu_decoder.available():
@@ -119,8 +120,11 @@ class CompiledDecodeStep:
                 gate_up=_small_copy(layer.gate_up), gate_up_bias=_bias(layer.gate_up),
                 down=_small_copy(layer.down), down_bias=_bias(layer.down),
                 key_cache=key_cache, value_cache=value_cache,
-                amx_min_rows=tuple(_packed(m).table.amx_min_rows  # type: ignore[arg-type]
-                                   for m in (layer.qkv, layer.o, layer.gate_up, layer.down))))
+                amx_min_rows=tuple(0 if is_quantized(m)  # type: ignore[arg-type]
+                                   else _packed(m).table.amx_min_rows
+                                   for m in (layer.qkv, layer.o, layer.gate_up, layer.down)),
+                q8=tuple(is_quantized(m)  # type: ignore[arg-type]
+                         for m in (layer.qkv, layer.o, layer.gate_up, layer.down))))
         self.tensors = cpu_decoder.DecoderTensors(
             layers, export.final_norm.detach(), num_heads=export.num_heads,
             num_kv_heads=export.num_kv_heads, head_dim=export.head_dim, eps=export.eps)
@@ -154,7 +158,8 @@ def compiled_decode_step(model: CausalLM, config: ModelConfig, choice: KernelCho
     step = CompiledDecodeStep(export, kv_caches, COMPILED_DECODE_ROWS)
     if packed_gemm.unmeasured():
         step.max_rows = min([COMPILED_DECODE_ROWS]
-                            + [_packed(m).own_rows for m in _projections(export)])
+                            + [_packed(m).own_rows for m in _projections(export)
+                               if not is_quantized(m)])
         if step.max_rows == 0:
             return None, "off (the own GEMM does not take 1 row)"
     else:
@@ -167,7 +172,8 @@ def compiled_decode_step(model: CausalLM, config: ModelConfig, choice: KernelCho
 def _measured_rows(model: CausalLM, export: DecoderExport, step: CompiledDecodeStep,
                    kv_caches: list[KVCache], choice: KernelChoice) -> int:
     num_blocks, block_size = kv_caches[0][0].shape[:2]
-    tables = sorted({f"{_packed(m).shape}: {_packed(m).table.describe()}"
+    tables = sorted({"8-bit" if is_quantized(m) else
+                     f"{_packed(m).shape}: {_packed(m).table.describe()}"
                      for m in _projections(export)})
     shape = [str(export.final_norm.dtype), len(export.layers), export.final_norm.shape[0],
              export.num_heads, export.num_kv_heads, export.head_dim,
@@ -193,6 +199,9 @@ def _packed(module: Linear) -> PackedWeight:
 
 
 def _small_copy(module: Linear) -> torch.Tensor:
+    """The compiled step's weight of a projection: its 8-bit tiles or the own GEMM's copy."""
+    if is_quantized(module):
+        return module.q8  # type: ignore[attr-defined]
     own = _packed(module).own
     assert own is not None
     return own

@@ -57,7 +57,8 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_LINEAR_WEIGHTS = ("_proj.weight", "lm_head.weight")  # what a LinearMethod loads
+# what takes blocks: a LinearMethod's layers, and the embedding (for a tied head)
+_BLOCK_WEIGHTS = ("_proj.weight", "lm_head.weight", "embed_tokens.weight")
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _SPLIT_FILE = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 
@@ -192,16 +193,16 @@ class GGUFModel:
 
     def tensors(self, dtype: torch.dtype, keep: Sequence[str] = ()
                 ) -> Iterator[tuple[str, torch.Tensor | Q8Blocks]]:
-        """(Hugging Face name, tensor) for every tensor; the linear layers' tensors of a type in
-        `keep` (the LinearMethod's `gguf_kinds`) as their blocks, other quantized ones
-        dequantized to `dtype`."""
+        """(Hugging Face name, tensor) for every tensor; the linear layers' and the embedding's
+        tensors of a type in `keep` (the LinearMethod's `gguf_kinds`) as their blocks, other
+        quantized ones dequantized to `dtype`."""
         from gguf.quants import dequantize
 
         dequantized: Counter[str] = Counter()
         for name, t in self._tensors.items():
             hf_name = self._hf_name(name)
             kind = t.tensor_type.name
-            if kind in keep and hf_name.endswith(_LINEAR_WEIGHTS):
+            if kind in keep and hf_name.endswith(_BLOCK_WEIGHTS):
                 blocks = self._unpermute(name, torch.from_numpy(np.array(t.data)))
                 shape = _shape(t)
                 yield hf_name, Q8Blocks(blocks, (shape[0], shape[1]))

@@ -235,3 +235,29 @@ def test_the_engine_runs_decodes_through_the_step_as_configured(tmp_path, monkey
     llm.generate([{"prompt_token_ids": [5, 9, 13]}],
                  SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert len(calls) == (3 if compiled else 0)  # every decode step after the prefill
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+@pytest.mark.parametrize("seq_lens", [[1], [5, 17, 2], [(7 * i) % 23 + 1 for i in range(40)]])
+def test_8_bit_projections_match_the_layer_by_layer_forward(arch, seq_lens):
+    """fp32 with every projection in 8-bit tiles (Int8LinearMethod): the step quantizes each
+    projection's input rows as kernels.cpu_quant does, so both paths run the same sums."""
+    from server.models.layers.quantized_linear import Int8LinearMethod, is_quantized
+    from server.models.layers.weights import shard_ids_of
+
+    source = make_model(arch, hidden=64, intermediate=64)
+    model = resolve_model_class(arch)(source.config, ModelOptions(
+        max_position=256, dtype=torch.float32, kernel_backend="cpu",
+        linear_method=Int8LinearMethod(quantize_floats=True)))
+    weights = dict(source.named_parameters())
+    sizes = {name: m.output_sizes for name, m in model.named_modules() if isinstance(m, Linear)}
+    for name, p in model.named_parameters():
+        for shard in shard_ids_of(p):
+            tensor = weights[name]
+            if shard is not None:
+                layer_sizes = sizes[name.rsplit(".", 1)[0]]
+                tensor = tensor.narrow(0, sum(layer_sizes[:shard]), layer_sizes[shard])
+            p.weight_loader(p, tensor.detach().clone(), shard)
+    pack_linear_weights(model, policy=GemmPolicy(own=True))
+    assert all(is_quantized(m) for m in model.modules() if isinstance(m, Linear))
+    assert_same(both_paths(model, *make_step(model, seq_lens)))

@@ -57,28 +57,44 @@ def projections(llm) -> list:
     return [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
 
 
+def check_paths(path, prompts, monkeypatch, **kwargs):
+    """The compiled decode step (8-bit projections in its fp32 GEMMs), the layer-by-layer
+    forward, and that forward on the torch reference of the 8-bit GEMM: the same tokens.
+    Returns the compiled run's LLM."""
+    llm, tokens = run(path, prompts, **kwargs)
+    assert llm.engine.runner.compiled_step is not None
+    assert run(path, prompts, compiled_decode=False, **kwargs)[1] == tokens
+    with monkeypatch.context() as m:
+        torch_arithmetic(m)
+        assert run(path, prompts, compiled_decode=False, **kwargs)[1] == tokens
+    return llm
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gguf_q8_0_blocks_are_served_8_bit(arch, models, tmp_path, monkeypatch):
     path = write_gguf(models[arch], tmp_path / f"{arch}.gguf", "Q8_0")
     prompts = random_prompts(seed=21, count=3, min_len=3, max_len=30)
-    llm, tokens = run(path, prompts)
+    llm = check_paths(path, prompts, monkeypatch)
     assert llm.engine.config.model.quantization == "gguf"
     assert all(is_quantized(m) for m in projections(llm))  # q/k/v, o, gate/up, down, the head
-    assert llm.engine.runner.compiled_step is None
-    with monkeypatch.context() as m:
-        torch_arithmetic(m)
-        assert run(path, prompts)[1] == tokens
+
+
+def test_a_tied_head_takes_the_embeddings_blocks(models, tmp_path, monkeypatch):
+    path = write_gguf(models["qwen2"], tmp_path / "tied.gguf", "Q8_0")  # tied embeddings
+    llm = check_paths(path, random_prompts(seed=24, count=2, min_len=3, max_len=20),
+                      monkeypatch)
+    head = llm.engine.runner.model.lm_head
+    assert head.proj is None and head.q8 is not None and head.packed is None
+    assert llm.engine.runner.model.model.embed_tokens.q8_blocks is None  # in the tiles now
 
 
 def test_int8_quantizes_a_float_checkpoint(models, monkeypatch):
     prompts = random_prompts(seed=22, count=3, min_len=3, max_len=30)
-    llm, tokens = run(models["qwen2"], prompts, quantization="int8")
+    llm = check_paths(models["qwen2"], prompts, monkeypatch, quantization="int8")
     assert llm.engine.config.model.quantization == "int8"
     layers = projections(llm)
     assert layers and all(is_quantized(m) and m.weight.numel() == 0 for m in layers)
-    with monkeypatch.context() as m:
-        torch_arithmetic(m)
-        assert run(models["qwen2"], prompts, quantization="int8")[1] == tokens
+    assert llm.engine.runner.model.lm_head.q8 is not None  # tied: quantized too
 
 
 def test_shards_of_different_types_keep_a_float_layer(models, tmp_path, monkeypatch, caplog):
@@ -86,14 +102,11 @@ def test_shards_of_different_types_keep_a_float_layer(models, tmp_path, monkeypa
                       {"blk.0.attn_v.weight": "Q4_0"})
     prompts = random_prompts(seed=23, count=2, min_len=3, max_len=20)
     with caplog.at_level(logging.WARNING):
-        llm, tokens = run(path, prompts)
+        llm = check_paths(path, prompts, monkeypatch)
     qkv0 = llm.engine.runner.model.model.layers[0].self_attn.qkv_proj
     assert not is_quantized(qkv0) and qkv0.weight.shape == (qkv0.output_size, qkv0.input_size)
     assert "shards differ in type" in caplog.text
     assert sum(not is_quantized(m) for m in projections(llm)) == 1
-    with monkeypatch.context() as m:
-        torch_arithmetic(m)
-        assert run(path, prompts)[1] == tokens
 
 
 def test_the_gguf_format_needs_a_gguf_file(models):

@@ -6,16 +6,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import cpu_quant
 from server.models.layers.linear import Linear, LinearMethod
 from server.models.layers.packed_gemm import GemmPolicy, PackedWeight, linear, packed_weight
-from server.models.layers.weights import set_weight_loader
+from server.models.layers.quantized_linear import (
+    Int8LinearMethod,
+    Q8Blocks,
+    kernel_runs,
+    linear_q8,
+)
+from server.models.layers.weights import ShapeMismatch, default_weight_loader, set_weight_loader
 
 
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.weight = set_weight_loader(nn.Parameter(
-            torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False))
+            torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False), self._load)
+        self.q8_blocks: torch.Tensor | None = None  # a GGUF file's Q8_0 rows, for a tied head
+
+    def _load(self, param: nn.Parameter, tensor: torch.Tensor | Q8Blocks, shard_id=None) -> None:
+        """The lookup takes float rows; a Q8_0 table is dequantized for it and its blocks kept
+        for the tied head's 8-bit GEMM."""
+        if isinstance(tensor, Q8Blocks):
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ShapeMismatch(f"the checkpoint has {tensor.shape}, the config implies "
+                                    f"{tuple(param.shape)}")
+            self.q8_blocks = tensor.blocks
+            tensor = cpu_quant.dequantize_q8_0(tensor.blocks)
+        default_weight_loader(param, tensor)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight)
@@ -31,16 +50,31 @@ class LMHead(nn.Module):
         self._tied: tuple[VocabEmbedding, ...] = (tied_to,) if tied_to is not None else ()
         self.proj = (None if tied_to is not None
                      else Linear(hidden_size, vocab_size, bias=False, method=method, dtype=dtype))
+        self.method = method
         self.packed: PackedWeight | None = None  # the tied head's copies
+        self.q8: torch.Tensor | None = None  # the tied head's 8-bit tiles
 
     def pack_tied(self, policy: GemmPolicy) -> int:
-        """The tied head is no Linear: pack the embedding matrix for it."""
+        """The tied head is no Linear: pack the embedding matrix for it, as 8-bit tiles where
+        the method is 8-bit and the embedding came as Q8_0 blocks (or "int8" quantizes it)."""
         if not self._tied:
             return 0
-        self.packed = packed_weight(self._tied[0].weight, policy=policy)
+        weight = self._tied[0].weight
+        blocks = self._tied[0].q8_blocks
+        if isinstance(self.method, Int8LinearMethod) and kernel_runs(weight.device,
+                                                                    weight.shape[1]):
+            if blocks is None and self.method.quantize_floats:
+                blocks = cpu_quant.quantize_q8_0(weight)
+            if blocks is not None:
+                self.q8 = cpu_quant.pack_q8_0(blocks)
+                self._tied[0].q8_blocks = None  # the tiles hold them now
+                return 0
+        self.packed = packed_weight(weight, policy=policy)
         return int(self.packed is not None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.proj is not None:
             return self.proj(hidden)
+        if self.q8 is not None:
+            return linear_q8(hidden, self.q8, None, self._tied[0].weight.shape[0])
         return linear(hidden, self._tied[0].weight, None, self.packed)

@@ -63,8 +63,7 @@ class Int8LinearMethod:
             self._assemble(layer, param, [pending.pop(s) for s in shard_ids])
 
     def _assemble(self, layer: Linear, param: nn.Parameter, parts: list) -> None:
-        runs = (param.device.type == "cpu" and layer.input_size % cpu_quant.BLOCK == 0
-                and cpu_quant.available())
+        runs = kernel_runs(param.device, layer.input_size)
         if runs and all(isinstance(p, Q8Blocks) or self.quantize_floats for p in parts):
             blocks = torch.cat([p.blocks if isinstance(p, Q8Blocks)
                                 else cpu_quant.quantize_q8_0(p) for p in parts])
@@ -82,9 +81,7 @@ class Int8LinearMethod:
         q8 = getattr(layer, "q8", None)
         if q8 is None:
             return UnquantizedLinearMethod().apply(layer, x)
-        bias = None if layer.bias is None else layer.bias.to(torch.float32)
-        out = cpu_quant.linear_q8_0(x.to(torch.float32).contiguous(), q8, bias, layer.output_size)
-        return out.to(x.dtype)
+        return linear_q8(x, q8, layer.bias, layer.output_size)
 
     def pack(self, layer: Linear, policy: GemmPolicy) -> bool:
         if getattr(layer, "q8", None) is not None:
@@ -95,3 +92,17 @@ class Int8LinearMethod:
 def is_quantized(module: nn.Module) -> bool:
     """Whether a linear layer computes from 8-bit blocks."""
     return getattr(module, "q8", None) is not None
+
+
+def kernel_runs(device: torch.device, in_features: int) -> bool:
+    """Whether the 8-bit GEMM can take a weight: on CPU, inputs a multiple of 32."""
+    return (device.type == "cpu" and in_features % cpu_quant.BLOCK == 0
+            and cpu_quant.available())
+
+
+def linear_q8(x: torch.Tensor, q8: torch.Tensor, bias: torch.Tensor | None,
+              out_features: int) -> torch.Tensor:
+    """F.linear from pack_q8_0's tiles, in x's dtype (the GEMM computes in fp32)."""
+    out = cpu_quant.linear_q8_0(x.to(torch.float32).contiguous(), q8,
+                                None if bias is None else bias.to(torch.float32), out_features)
+    return out.to(x.dtype)

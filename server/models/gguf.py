@@ -17,6 +17,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,6 @@ import numpy as np
 import torch
 
 from server.models.errors import ModelLoadError
-from server.models.layers.quantized_linear import Q8Blocks
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,15 @@ _LAYER_NAMES = {
 _BLOCK_WEIGHTS = ("_proj.weight", "lm_head.weight", "embed_tokens.weight")
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _SPLIT_FILE = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+
+
+@dataclass(frozen=True)
+class Q8Blocks:
+    """A [rows, cols] weight as Q8_0 blocks: `blocks` [rows, cols / 32 * 34] uint8 (an fp16
+    scale and 32 int8 values each), for the LinearMethod that computes with them."""
+
+    blocks: torch.Tensor
+    shape: tuple[int, int]
 
 
 def find_gguf(path: Path) -> Path | None:

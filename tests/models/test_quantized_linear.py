@@ -14,8 +14,9 @@ import torch
 
 from kernels import cpu_quant, reference
 from server import LLM, SamplingParams
+from server.models.gguf import Q8Blocks
 from server.models.layers.linear import Linear, MergedLinear
-from server.models.layers.quantized_linear import Int8LinearMethod, Q8Blocks, is_quantized
+from server.models.layers.quantized_linear import Int8LinearMethod, is_quantized
 from tests.gguf_factory import write_gguf
 from tests.model_factory import make_tiny_model
 from tests.models.conftest import random_prompts

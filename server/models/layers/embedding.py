@@ -7,14 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import cpu_quant
+from server.models.gguf import Q8Blocks
 from server.models.layers.linear import Linear, LinearMethod
 from server.models.layers.packed_gemm import GemmPolicy, PackedWeight, linear, packed_weight
-from server.models.layers.quantized_linear import (
-    Int8LinearMethod,
-    Q8Blocks,
-    kernel_runs,
-    linear_q8,
-)
+from server.models.layers.quantized_linear import Int8LinearMethod, kernel_runs, linear_q8
 from server.models.layers.weights import ShapeMismatch, default_weight_loader, set_weight_loader
 
 

@@ -14,26 +14,18 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from kernels import cpu_quant
+from server.models.gguf import Q8Blocks
 from server.models.layers.linear import Linear, UnquantizedLinearMethod
 from server.models.layers.packed_gemm import GemmPolicy
 from server.models.layers.weights import ShapeMismatch, set_weight_loader
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Q8Blocks:
-    """A [rows, cols] weight as Q8_0 blocks: `blocks` [rows, cols / 32 * 34] uint8."""
-
-    blocks: torch.Tensor
-    shape: tuple[int, int]
 
 
 class Int8LinearMethod:

@@ -200,8 +200,8 @@ def _packed(module: Linear) -> PackedWeight:
 
 def _small_copy(module: Linear) -> torch.Tensor:
     """The compiled step's weight of a projection: its 8-bit tiles or the own GEMM's copy."""
-    if is_quantized(module):
-        return module.q8  # type: ignore[attr-defined]
+    if module.q8 is not None:
+        return module.q8
     own = _packed(module).own
     assert own is not None
     return own

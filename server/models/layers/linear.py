@@ -62,6 +62,7 @@ class Linear(nn.Module):
     weight: nn.Parameter  # the method's parameters; other methods add their own
     bias: nn.Parameter | None
     packed: PackedWeight | None = None  # set by the method's `pack`
+    q8: torch.Tensor | None = None  # 8-bit tiles (layers/quantized_linear.py), else None
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  method: LinearMethod | None = None, dtype: torch.dtype | None = None) -> None:

@@ -33,6 +33,7 @@ class Int8LinearMethod:
 
     def __init__(self, quantize_floats: bool) -> None:
         self.quantize_floats = quantize_floats
+        self._pending: dict[int, dict[Any, Any]] = {}  # id(layer) -> shards not yet assembled
 
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
         UnquantizedLinearMethod().create_weights(layer, dtype)
@@ -40,15 +41,15 @@ class Int8LinearMethod:
         layer.weight = set_weight_loader(
             nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False),
             functools.partial(self._load, layer), layer.weight.shard_ids)  # type: ignore
-        layer.q8 = None  # type: ignore[attr-defined]
-        layer.pending = {}  # type: ignore[attr-defined]
+        layer.q8 = None
+        self._pending[id(layer)] = {}
 
     def _load(self, layer: Linear, param: nn.Parameter, tensor: Any, shard_id: Any) -> None:
         rows = layer.output_size if shard_id is None else layer.output_sizes[shard_id]
         if tuple(tensor.shape) != (rows, layer.input_size):
             raise ShapeMismatch(f"the checkpoint has {tuple(tensor.shape)}, the config implies "
                                 f"{(rows, layer.input_size)}")
-        pending: dict = layer.pending  # type: ignore[attr-defined]
+        pending = self._pending[id(layer)]
         pending[shard_id] = tensor
         shard_ids = param.shard_ids  # type: ignore[attr-defined]
         if len(pending) == len(shard_ids):
@@ -59,7 +60,7 @@ class Int8LinearMethod:
         if runs and all(isinstance(p, Q8Blocks) or self.quantize_floats for p in parts):
             blocks = torch.cat([p.blocks if isinstance(p, Q8Blocks)
                                 else cpu_quant.quantize_q8_0(p) for p in parts])
-            layer.q8 = cpu_quant.pack_q8_0(blocks)  # type: ignore[attr-defined]
+            layer.q8 = cpu_quant.pack_q8_0(blocks)
             return
         if any(isinstance(p, Q8Blocks) for p in parts):
             logger.warning("a %dx%d projection's Q8_0 blocks are dequantized: %s",
@@ -70,13 +71,12 @@ class Int8LinearMethod:
                                 else p for p in parts]).to(param.device, param.dtype)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        q8 = getattr(layer, "q8", None)
-        if q8 is None:
+        if layer.q8 is None:
             return UnquantizedLinearMethod().apply(layer, x)
-        return linear_q8(x, q8, layer.bias, layer.output_size)
+        return linear_q8(x, layer.q8, layer.bias, layer.output_size)
 
     def pack(self, layer: Linear, policy: GemmPolicy) -> bool:
-        if getattr(layer, "q8", None) is not None:
+        if layer.q8 is not None:
             return False
         return UnquantizedLinearMethod().pack(layer, policy)
 

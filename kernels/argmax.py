@@ -13,7 +13,7 @@ from kernels import native, reference
 from kernels.native import I32, I64, PTR
 
 _NAME = "argmax_cpu"
-_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_SUFFIXES = native.SUFFIXES
 _SIGNATURES = {f"pagedserve_argmax_{suffix}": ([PTR, I64, I64, I64, PTR, I32], None)
                for suffix in _SUFFIXES.values()}
 

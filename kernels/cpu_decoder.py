@@ -18,7 +18,7 @@ from kernels import cpu_linear, cpu_quant, native
 from kernels.native import F32, I32, I64, PTR
 
 _NAME = "decoder_cpu"
-_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_SUFFIXES = native.SUFFIXES
 DTYPES = tuple(_SUFFIXES)
 _SIGNATURES = {f"pagedserve_decode_step_{suffix}": (
     [PTR, PTR, PTR, PTR, PTR,  # embeddings, cos, sin, layer table, final norm

@@ -14,7 +14,7 @@ from kernels import native
 from kernels.native import F32, I32, I64, PTR
 
 _NAME = "fused_cpu"
-_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_SUFFIXES = native.SUFFIXES
 DTYPES = tuple(_SUFFIXES)
 _SIGNATURES = {
     f"pagedserve_{op}_{suffix}": signature for suffix in _SUFFIXES.values()

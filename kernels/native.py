@@ -24,6 +24,8 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
@@ -104,6 +106,8 @@ def build_key(name: str) -> str:
 
 # Argument types of the exported functions: pointers (data_ptr()), int64, int, float.
 PTR, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+# The suffix of a kernel's C entry point per dtype, for the kernels built for fp32 and bf16.
+SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 Signatures = Mapping[str, tuple[list, type | None]]  # function -> (argtypes, restype)
 
 

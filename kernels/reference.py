@@ -129,17 +129,23 @@ def quantize_rows_q8(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, to
 
 
 def linear_q8_0(x: torch.Tensor, scales: torch.Tensor, values: torch.Tensor,
-                bias: torch.Tensor | None = None, block: int = 32) -> torch.Tensor:
-    """F.linear of fp32 x [rows, in] with 8-bit weights: values [out, in] int8 with scales
-    [out, in / block] (fp16), in the 8-bit GEMM's arithmetic: activations quantized per block,
-    each block's dot product exact, then times both scales, summed over blocks in fp32."""
+                bias: torch.Tensor | None = None, mins: torch.Tensor | None = None,
+                block: int = 32) -> torch.Tensor:
+    """F.linear of fp32 x [rows, in] with 8-bit weights d * q + m: values [out, in] int8 with
+    scales and offsets [out, in / block] (fp16; no offsets: 0), in the 8-bit GEMM's
+    arithmetic: activations quantized per block, each block's dot product exact, then times
+    both scales, plus the offset times the block's quantized activation sum, over blocks in
+    fp32."""
     xq, xd = quantize_rows_q8(x, block)
     rows, out_features = x.shape[0], values.shape[0]
     xi = xq.to(torch.float64).reshape(rows, -1, block).transpose(0, 1)  # [blocks, rows, block]
     wi = values.to(torch.float64).reshape(out_features, -1, block).permute(1, 2, 0)
     dots = torch.bmm(xi, wi).to(torch.float32)  # exact: |sum| < 2^24 · [blocks, rows, out]
     weights = scales.to(torch.float32).t().unsqueeze(1) * xd.t().unsqueeze(2)
+    xsum = xd * xq.to(torch.float32).reshape(rows, -1, block).sum(-1)  # [rows, blocks]
     out = torch.zeros(rows, out_features, dtype=torch.float32)
     for b in range(dots.shape[0]):
         out += dots[b] * weights[b]
+        if mins is not None:
+            out += xsum[:, b:b + 1] * mins[:, b].to(torch.float32)
     return out if bias is None else out + bias

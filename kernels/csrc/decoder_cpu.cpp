@@ -100,7 +100,7 @@ void run_step(const Step<T>& s, const int64_t* index, int num_threads) {
   std::memcpy(residual, s.embeddings, sizeof(T) * M * H);
   const int64_t widest = std::max({H, q_size, I});  // the inputs of a projection
   std::vector<uint8_t> q8_values(M * widest);
-  std::vector<float> q8_scales(M * widest / 32 + 1);
+  std::vector<float> q8_scales(2 * (M * widest / 32 + 1));
   const Q8Scratch q8{q8_values.data(), q8_scales.data()};
 
 #pragma omp parallel num_threads(num_threads)

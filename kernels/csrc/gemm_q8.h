@@ -19,7 +19,7 @@ namespace pagedserve {
 namespace q8 {
 
 constexpr int kBlock = 32;                   // values per scale
-constexpr int kTileBytes = 512 + 32 + 32;    // values, fp16 scales, int16 sums
+constexpr int kTileBytes = 512 + 32 + 32 + 32;  // values, fp16 scales, int16 sums, fp16 mins
 constexpr int kRows = 4;                     // rows per pass
 
 inline float half_to_float(uint16_t h) {
@@ -48,7 +48,8 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
-// Row m of x as unsigned bytes (q + 128) and its per-block scales.
+// Row m of x as unsigned bytes (q + 128) and, per block, its scale d and d x the sum of its
+// q (what a block's offset m multiplies), side by side.
 inline void quantize_row(const float* x, int k, uint8_t* q, float* scales) {
   for (int b = 0; b < k / kBlock; ++b) {
     const float* xb = x + b * kBlock;
@@ -56,12 +57,15 @@ inline void quantize_row(const float* x, int k, uint8_t* q, float* scales) {
     for (int i = 0; i < kBlock; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
     const float d = amax / 127.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    scales[b] = d;
+    int sum = 0;
     for (int i = 0; i < kBlock; ++i) {
       float v = std::nearbyint(xb[i] * id);
       v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+      sum += static_cast<int>(v);
       q[b * kBlock + i] = static_cast<uint8_t>(static_cast<int>(v) + 128);
     }
+    scales[2 * b] = d;
+    scales[2 * b + 1] = d * static_cast<float>(sum);
   }
 }
 
@@ -69,12 +73,13 @@ struct Tile {
   const int8_t* values;    // [8][16][4]
   const uint16_t* scales;  // [16] fp16
   const int16_t* sums;     // [16]
+  const uint16_t* mins;    // [16] fp16: the block's offset (Q4_1), 0 for the others
 };
 
 inline Tile tile_at(const uint8_t* packed, int blocks_k, int nb, int b) {
   const uint8_t* t = packed + (static_cast<int64_t>(nb) * blocks_k + b) * kTileBytes;
   return {reinterpret_cast<const int8_t*>(t), reinterpret_cast<const uint16_t*>(t + 512),
-          reinterpret_cast<const int16_t*>(t + 544)};
+          reinterpret_cast<const int16_t*>(t + 544), reinterpret_cast<const uint16_t*>(t + 576)};
 }
 
 inline void store_cols(float* out, const float* sums, const float* bias, int col, int n) {
@@ -113,10 +118,13 @@ inline void pass(const uint8_t* xq, int64_t ldq, const float* xs, int64_t lds, c
       const __m512i offset = _mm512_slli_epi32(
           _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t[c].sums))),
           7);
+      const __m512 mins = _mm512_cvtph_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t[c].mins)));
       for (int r = 0; r < ROWS; ++r) {
         const __m512 s = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[r][c], offset));
-        acc[r][c] = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps(xs[r * lds + b])),
+        acc[r][c] = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps(xs[r * lds + 2 * b])),
                                     acc[r][c]);
+        acc[r][c] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xs[r * lds + 2 * b + 1]), acc[r][c]);
       }
     }
   }
@@ -156,9 +164,11 @@ inline void rows_pass(int rows, const uint8_t* xq, int64_t ldq, const float* xs,
             for (int i = 0; i < 4; ++i)
               dot[col] += static_cast<int32_t>(xq[r * ldq + b * kBlock + 4 * j + i]) *
                           t.values[j * 64 + col * 4 + i];
-        for (int col = 0; col < 16; ++col)
+        for (int col = 0; col < 16; ++col) {
           acc[col] += static_cast<float>(dot[col] - 128 * t.sums[col]) *
-                      (half_to_float(t.scales[col]) * xs[r * lds + b]);
+                      (half_to_float(t.scales[col]) * xs[r * lds + 2 * b]);
+          acc[col] += half_to_float(t.mins[col]) * xs[r * lds + 2 * b + 1];
+        }
       }
       store_cols(out + r * ldo + (nb + c) * 16, acc, bias, (nb + c) * 16, n);
     }
@@ -168,12 +178,12 @@ inline void rows_pass(int rows, const uint8_t* xq, int64_t ldq, const float* xs,
 #endif
 
 
-// Rows of x as unsigned bytes xq [rows, k] and their block scales xs [rows, k / 32].
+// Rows of x as unsigned bytes xq [rows, k] and their block scales xs [rows, 2 k / 32].
 inline void quantize_rows_for(const float* x, int64_t ldx, int64_t rows, int k, uint8_t* xq,
                               float* xs) {
 #pragma omp for schedule(static)
   for (int64_t m = 0; m < rows; ++m)
-    quantize_row(x + m * ldx, k, xq + m * k, xs + m * (k / kBlock));
+    quantize_row(x + m * ldx, k, xq + m * k, xs + m * (2 * k / kBlock));
 }
 
 // out[rows, n] (+ bias) from quantize_rows_for's xq, xs: threads take contiguous runs of
@@ -191,8 +201,8 @@ inline void gemm_for(const uint8_t* xq, const float* xs, const uint8_t* packed,
     const bool two = nb + 1 < n_blocks;
     for (int64_t m0 = 0; m0 < rows; m0 += kRows) {
       const int r = rows - m0 < kRows ? static_cast<int>(rows - m0) : kRows;
-      rows_pass(r, xq + m0 * k, k, xs + m0 * blocks_k, blocks_k, packed, k, nb, two, bias,
-                out + m0 * ldo, ldo, n);
+      rows_pass(r, xq + m0 * k, k, xs + m0 * 2 * blocks_k, 2 * blocks_k, packed, k, nb, two,
+                bias, out + m0 * ldo, ldo, n);
     }
   }
 #pragma omp barrier

@@ -4,7 +4,7 @@ Hugging Face's tensor names, so a GGUF model loads through the same `load_weight
 safetensors checkpoint. The tokenizer comes from the file too (engine/tokenizer.py, through
 transformers' GGUF tokenizer conversion).
 
-The linear layers' Q8_0 tensors stay 8-bit blocks for the LinearMethod that takes them
+The linear layers' Q8_0, Q4_0 and Q4_1 tensors stay blocks for the LinearMethod that takes them
 (models/layers/quantized_linear.py); quantized tensor types with no kernel here are
 dequantized at load into the model's dtype, one tensor at a time, with one warning per type.
 llama.cpp's converter permutes the rows of a `llama` model's q and k projections for its rotary
@@ -65,11 +65,12 @@ _SPLIT_FILE = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 
 @dataclass(frozen=True)
 class Q8Blocks:
-    """A [rows, cols] weight as Q8_0 blocks: `blocks` [rows, cols / 32 * 34] uint8 (an fp16
-    scale and 32 int8 values each), for the LinearMethod that computes with them."""
+    """A [rows, cols] weight as a GGUF file's blocks of 32 values, `blocks` [rows, bytes] uint8
+    of type `kind` (Q8_0, Q4_0, Q4_1), for the LinearMethod that computes with them."""
 
     blocks: torch.Tensor
     shape: tuple[int, int]
+    kind: str = "Q8_0"
 
 
 def find_gguf(path: Path) -> Path | None:
@@ -214,7 +215,7 @@ class GGUFModel:
             if kind in keep and hf_name.endswith(_BLOCK_WEIGHTS):
                 blocks = self._unpermute(name, torch.from_numpy(np.array(t.data)))
                 shape = _shape(t)
-                yield hf_name, Q8Blocks(blocks, (shape[0], shape[1]))
+                yield hf_name, Q8Blocks(blocks, (shape[0], shape[1]), kind)
                 continue
             if kind in _PLAIN_TYPES:
                 data = np.array(t.data)  # a copy: the memory map stays read-only

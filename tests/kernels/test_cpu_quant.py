@@ -97,3 +97,22 @@ def test_the_plain_loop_fallback_gives_the_same_sums(tmp_path):
                                      out.data_ptr(), out.stride(0), rows, n, k, 2)
         torch.testing.assert_close(out, reference.linear_q8_0(x, *cpu_quant.split_q8_0(blocks),
                                                               b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_4_bit_blocks_as_int8_equal_the_gguf_package_and_the_reference(kind):
+    """Q4_0 and Q4_1 held exactly as int8 values (with Q4_1's per-block offset)."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    w = (torch.randn(40, 96) * 0.1).numpy()
+    raw = gguf.quants.quantize(w, qtype)
+    scales, values, mins = cpu_quant.int8_blocks(kind, torch.from_numpy(raw))
+    assert (mins is None) == (kind == "Q4_0")
+    np.testing.assert_array_equal(cpu_quant.dequantize_blocks(scales, values, mins).numpy(),
+                                  gguf.quants.dequantize(raw, qtype))
+    x, b = torch.randn(5, 96), torch.randn(40)
+    out = cpu_quant.linear_q8_0(x, cpu_quant.pack_blocks(scales, values, mins), b, 40)
+    torch.testing.assert_close(out, reference.linear_q8_0(x, scales, values, b, mins),
+                               rtol=1e-5, atol=1e-5)
+    exact = torch.nn.functional.linear(x, torch.from_numpy(gguf.quants.dequantize(raw, qtype)),
+                                       b)
+    assert (out - exact).abs().max() <= 0.02 * exact.abs().max() + 1e-3

@@ -25,19 +25,22 @@ SMALL_CACHE = 1 << 22
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-def unpack(packed: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """pack_q8_0's tiles -> (scales [out, in / 32], values [out, in])."""
+def unpack(packed: torch.Tensor, out_features: int) -> tuple[torch.Tensor, ...]:
+    """pack_blocks's tiles -> (scales [out, in / 32], values [out, in], offsets)."""
     nb, kb, _ = packed.shape
     values = packed[..., :512].contiguous().view(torch.int8).view(nb, kb, 8, 16, 4)
     values = values.permute(0, 3, 1, 2, 4).reshape(nb * 16, kb * 32)
     scales = packed[..., 512:544].contiguous().view(torch.float16).permute(0, 2, 1)
-    return scales.reshape(nb * 16, kb)[:out_features], values[:out_features]
+    mins = packed[..., 576:608].contiguous().view(torch.float16).permute(0, 2, 1)
+    return (scales.reshape(nb * 16, kb)[:out_features], values[:out_features],
+            mins.reshape(nb * 16, kb)[:out_features])
 
 
 def torch_arithmetic(monkeypatch) -> None:
     """The 8-bit GEMM replaced by the torch reference of its arithmetic."""
     def linear_q8_0(x, packed, bias, out_features):
-        return reference.linear_q8_0(x, *unpack(packed, out_features), bias)
+        scales, values, mins = unpack(packed, out_features)
+        return reference.linear_q8_0(x, scales, values, bias, mins)
 
     monkeypatch.setattr(cpu_quant, "linear_q8_0", linear_q8_0)
 
@@ -71,9 +74,10 @@ def check_paths(path, prompts, monkeypatch, **kwargs):
     return llm
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_gguf_q8_0_blocks_are_served_8_bit(arch, models, tmp_path, monkeypatch):
-    path = write_gguf(models[arch], tmp_path / f"{arch}.gguf", "Q8_0")
+@pytest.mark.parametrize("arch,kind", [("llama", "Q8_0"), ("qwen2", "Q8_0"), ("qwen2", "Q4_0"),
+                                       ("llama", "Q4_1")])
+def test_gguf_blocks_are_served_8_bit(arch, kind, models, tmp_path, monkeypatch):
+    path = write_gguf(models[arch], tmp_path / f"{arch}.gguf", kind)
     prompts = random_prompts(seed=21, count=3, min_len=3, max_len=30)
     llm = check_paths(path, prompts, monkeypatch)
     assert llm.engine.config.model.quantization == "gguf"
@@ -98,15 +102,20 @@ def test_int8_quantizes_a_float_checkpoint(models, monkeypatch):
     assert llm.engine.runner.model.lm_head.q8 is not None  # tied: quantized too
 
 
-def test_shards_of_different_types_keep_a_float_layer(models, tmp_path, monkeypatch, caplog):
-    path = write_gguf(models["llama"], tmp_path / "mixed.gguf", "Q8_0",
-                      {"blk.0.attn_v.weight": "Q4_0"})
+def test_shards_of_block_types_merge_and_a_float_shard_keeps_a_float_layer(
+        models, tmp_path, monkeypatch, caplog):
+    """Q4_K_M-like mixes: q and k Q4_1 with v Q8_0 make one block matrix (its tiles carry a
+    scale and an offset per block); an F16 shard beside blocks makes the layer float."""
+    path = write_gguf(models["llama"], tmp_path / "mixed.gguf", "Q4_1",
+                      {"blk.1.attn_v.weight": "Q8_0", "blk.0.attn_v.weight": "F16"})
     prompts = random_prompts(seed=23, count=2, min_len=3, max_len=20)
     with caplog.at_level(logging.WARNING):
         llm = check_paths(path, prompts, monkeypatch)
-    qkv0 = llm.engine.runner.model.model.layers[0].self_attn.qkv_proj
+    layers = llm.engine.runner.model.model.layers
+    qkv0 = layers[0].self_attn.qkv_proj
     assert not is_quantized(qkv0) and qkv0.weight.shape == (qkv0.output_size, qkv0.input_size)
-    assert "shards differ in type" in caplog.text
+    assert "some of its shards are float tensors" in caplog.text
+    assert is_quantized(layers[1].self_attn.qkv_proj)
     assert sum(not is_quantized(m) for m in projections(llm)) == 1
 
 

@@ -10,7 +10,12 @@ from kernels import cpu_quant
 from server.models.gguf import Q8Blocks
 from server.models.layers.linear import Linear, LinearMethod
 from server.models.layers.packed_gemm import GemmPolicy, PackedWeight, linear, packed_weight
-from server.models.layers.quantized_linear import Int8LinearMethod, kernel_runs, linear_q8
+from server.models.layers.quantized_linear import (
+    Int8LinearMethod,
+    dequantize,
+    kernel_runs,
+    linear_q8,
+)
 from server.models.layers.weights import ShapeMismatch, default_weight_loader, set_weight_loader
 
 
@@ -19,17 +24,17 @@ class VocabEmbedding(nn.Module):
         super().__init__()
         self.weight = set_weight_loader(nn.Parameter(
             torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False), self._load)
-        self.q8_blocks: torch.Tensor | None = None  # a GGUF file's Q8_0 rows, for a tied head
+        self.q8_blocks: Q8Blocks | None = None  # a GGUF file's block rows, for a tied head
 
     def _load(self, param: nn.Parameter, tensor: torch.Tensor | Q8Blocks, shard_id=None) -> None:
-        """The lookup takes float rows; a Q8_0 table is dequantized for it and its blocks kept
-        for the tied head's 8-bit GEMM."""
+        """The lookup takes float rows; a table of blocks is dequantized for it and the blocks
+        kept for the tied head's 8-bit GEMM."""
         if isinstance(tensor, Q8Blocks):
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ShapeMismatch(f"the checkpoint has {tensor.shape}, the config implies "
                                     f"{tuple(param.shape)}")
-            self.q8_blocks = tensor.blocks
-            tensor = cpu_quant.dequantize_q8_0(tensor.blocks)
+            self.q8_blocks = tensor
+            tensor = dequantize(tensor)
         default_weight_loader(param, tensor)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -60,9 +65,11 @@ class LMHead(nn.Module):
         if isinstance(self.method, Int8LinearMethod) and kernel_runs(weight.device,
                                                                     weight.shape[1]):
             if blocks is None and self.method.quantize_floats:
-                blocks = cpu_quant.quantize_q8_0(weight)
+                blocks = Q8Blocks(cpu_quant.quantize_q8_0(weight),
+                                  (weight.shape[0], weight.shape[1]))
             if blocks is not None:
-                self.q8 = cpu_quant.pack_q8_0(blocks)
+                self.q8 = cpu_quant.pack_blocks(*cpu_quant.int8_blocks(blocks.kind,
+                                                                       blocks.blocks))
                 self._tied[0].q8_blocks = None  # the tiles hold them now
                 return 0
         self.packed = packed_weight(weight, policy=policy)

@@ -2,12 +2,14 @@
 the input, one scale each) and compute with kernels.cpu_quant's GEMM, never with a dequantized
 copy of the matrix.
 
-Two modes, one method. "gguf": the blocks a GGUF file holds stay blocks (`Q8Blocks` from
-models/gguf.py); float tensors stay float. "int8": float tensors are quantized to the same
+Two modes, one method. "gguf": the Q8_0, Q4_0 and Q4_1 blocks a GGUF file holds stay blocks
+(`Q8Blocks` from models/gguf.py), the 4-bit values held as int8, exactly; float tensors stay
+float. "int8": float tensors are quantized to the same
 blocks at load as well (weight-only, one scale per 32 values). A layer is decided when its last
-shard arrives: its q, k and v (or gate and up) become one block matrix when every shard can be
-one; otherwise, and where the kernel cannot run (no CPU, an input size that is no multiple of
-32), the layer keeps a float weight in the model's dtype, dequantized where it must be.
+shard arrives: its q, k and v (or gate and up) become one block matrix when every shard is
+blocks (of any of the three types: the tiles carry a scale and an offset per block); otherwise,
+and where the kernel cannot run (no CPU, an input size that is no multiple of 32), the layer
+keeps a float weight in the model's dtype, dequantized where it must be.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 class Int8LinearMethod:
-    gguf_kinds = ("Q8_0",)  # the GGUF tensor types this method takes as they are
+    gguf_kinds = cpu_quant.KINDS  # the GGUF tensor types this method computes with as blocks
 
     def __init__(self, quantize_floats: bool) -> None:
         self.quantize_floats = quantize_floats
@@ -58,17 +60,20 @@ class Int8LinearMethod:
     def _assemble(self, layer: Linear, param: nn.Parameter, parts: list) -> None:
         runs = kernel_runs(param.device, layer.input_size)
         if runs and all(isinstance(p, Q8Blocks) or self.quantize_floats for p in parts):
-            blocks = torch.cat([p.blocks if isinstance(p, Q8Blocks)
-                                else cpu_quant.quantize_q8_0(p) for p in parts])
-            layer.q8 = cpu_quant.pack_q8_0(blocks)
+            forms = [cpu_quant.int8_blocks(p.kind, p.blocks) if isinstance(p, Q8Blocks)
+                     else cpu_quant.int8_blocks("Q8_0", cpu_quant.quantize_q8_0(p))
+                     for p in parts]
+            scales, values = torch.cat([f[0] for f in forms]), torch.cat([f[1] for f in forms])
+            mins = (None if all(f[2] is None for f in forms) else torch.cat(
+                [f[2] if f[2] is not None else torch.zeros_like(f[0]) for f in forms]))
+            layer.q8 = cpu_quant.pack_blocks(scales, values, mins)
             return
         if any(isinstance(p, Q8Blocks) for p in parts):
-            logger.warning("a %dx%d projection's Q8_0 blocks are dequantized: %s",
-                           layer.input_size, layer.output_size,
-                           "its shards differ in type" if runs else
-                           "the 8-bit GEMM runs on CPU only, on inputs of a multiple of 32")
-        param.data = torch.cat([cpu_quant.dequantize_q8_0(p.blocks) if isinstance(p, Q8Blocks)
-                                else p for p in parts]).to(param.device, param.dtype)
+            logger.warning("a %dx%d projection's blocks are dequantized: %s", layer.input_size,
+                           layer.output_size, "some of its shards are float tensors" if runs
+                           else "the 8-bit GEMM runs on CPU only, on inputs of a multiple of 32")
+        param.data = torch.cat([dequantize(p) if isinstance(p, Q8Blocks) else p
+                                for p in parts]).to(param.device, param.dtype)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if layer.q8 is None:
@@ -98,3 +103,8 @@ def linear_q8(x: torch.Tensor, q8: torch.Tensor, bias: torch.Tensor | None,
     out = cpu_quant.linear_q8_0(x.to(torch.float32).contiguous(), q8,
                                 None if bias is None else bias.to(torch.float32), out_features)
     return out.to(x.dtype)
+
+
+def dequantize(blocks: Q8Blocks) -> torch.Tensor:
+    """The fp32 weight a file's blocks hold."""
+    return cpu_quant.dequantize_blocks(*cpu_quant.int8_blocks(blocks.kind, blocks.blocks))

@@ -87,7 +87,7 @@ def weight_format(quantization: str, model_dir: Path) -> str:
     """The quantization in effect: a GGUF file's own blocks ("gguf") where none is asked."""
     is_gguf = find_gguf(model_dir) is not None
     if quantization == "gguf" and not is_gguf:
-        raise ModelLoadError(f"quantization 'gguf' takes a GGUF file; {model_dir} is none")
+        raise ModelLoadError(f"quantization 'gguf' takes a GGUF file; {model_dir} is not one")
     return "gguf" if quantization == "none" and is_gguf else quantization
 
 

@@ -110,6 +110,7 @@ class CompiledDecodeStep:
         self.max_rows = max_rows
         layers = []
         for layer, (key_cache, value_cache) in zip(export.layers, kv_caches, strict=True):
+            projections = (layer.qkv, layer.o, layer.gate_up, layer.down)
             layers.append(cpu_decoder.LayerTensors(
                 input_norm=layer.input_norm.detach(),
                 qkv=_small_copy(layer.qkv), qkv_bias=_bias(layer.qkv),
@@ -121,10 +122,8 @@ class CompiledDecodeStep:
                 down=_small_copy(layer.down), down_bias=_bias(layer.down),
                 key_cache=key_cache, value_cache=value_cache,
                 amx_min_rows=tuple(0 if is_quantized(m)  # type: ignore[arg-type]
-                                   else _packed(m).table.amx_min_rows
-                                   for m in (layer.qkv, layer.o, layer.gate_up, layer.down)),
-                q8=tuple(is_quantized(m)  # type: ignore[arg-type]
-                         for m in (layer.qkv, layer.o, layer.gate_up, layer.down))))
+                                   else _packed(m).table.amx_min_rows for m in projections),
+                q8=tuple(is_quantized(m) for m in projections)))  # type: ignore[arg-type]
         self.tensors = cpu_decoder.DecoderTensors(
             layers, export.final_norm.detach(), num_heads=export.num_heads,
             num_kv_heads=export.num_kv_heads, head_dim=export.head_dim, eps=export.eps)

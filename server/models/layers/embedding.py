@@ -16,7 +16,7 @@ from server.models.layers.quantized_linear import (
     kernel_runs,
     linear_q8,
 )
-from server.models.layers.weights import ShapeMismatch, default_weight_loader, set_weight_loader
+from server.models.layers.weights import check_shape, default_weight_loader, set_weight_loader
 
 
 class VocabEmbedding(nn.Module):
@@ -30,9 +30,7 @@ class VocabEmbedding(nn.Module):
         """The lookup takes float rows; a table of blocks is dequantized for it and the blocks
         kept for the tied head's 8-bit GEMM."""
         if isinstance(tensor, Q8Blocks):
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise ShapeMismatch(f"the checkpoint has {tensor.shape}, the config implies "
-                                    f"{tuple(param.shape)}")
+            check_shape(tensor.shape, param.shape)
             self.q8_blocks = tensor
             tensor = dequantize(tensor)
         default_weight_loader(param, tensor)

@@ -25,7 +25,7 @@ from kernels import cpu_quant
 from server.models.gguf import Q8Blocks
 from server.models.layers.linear import Linear, UnquantizedLinearMethod
 from server.models.layers.packed_gemm import GemmPolicy
-from server.models.layers.weights import ShapeMismatch, set_weight_loader
+from server.models.layers.weights import check_shape, set_weight_loader
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +48,7 @@ class Int8LinearMethod:
 
     def _load(self, layer: Linear, param: nn.Parameter, tensor: Any, shard_id: Any) -> None:
         rows = layer.output_size if shard_id is None else layer.output_sizes[shard_id]
-        if tuple(tensor.shape) != (rows, layer.input_size):
-            raise ShapeMismatch(f"the checkpoint has {tuple(tensor.shape)}, the config implies "
-                                f"{(rows, layer.input_size)}")
+        check_shape(tensor.shape, (rows, layer.input_size))
         pending = self._pending[id(layer)]
         pending[shard_id] = tensor
         shard_ids = param.shard_ids  # type: ignore[attr-defined]

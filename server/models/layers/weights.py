@@ -15,11 +15,17 @@ from server.models.errors import ModelLoadError
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, Any], None]  # (param, tensor, shard_id)
 
 
+def check_shape(got: Sequence[int], expected: Sequence[int]) -> None:
+    """Raises ShapeMismatch (the caller names the tensor) unless a checkpoint tensor's shape
+    is the one the config implies."""
+    if tuple(got) != tuple(expected):
+        raise ShapeMismatch(f"the checkpoint has {tuple(got)}, the config implies "
+                            f"{tuple(expected)}")
+
+
 def copy_weight(dest: torch.Tensor, tensor: torch.Tensor) -> None:
     """Raises ShapeMismatch (the caller names the tensor) unless the shapes agree."""
-    if tuple(dest.shape) != tuple(tensor.shape):
-        raise ShapeMismatch(f"the checkpoint has {tuple(tensor.shape)}, the config implies "
-                            f"{tuple(dest.shape)}")
+    check_shape(tensor.shape, dest.shape)
     with torch.no_grad():
         dest.copy_(tensor)
 

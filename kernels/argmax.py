@@ -9,8 +9,8 @@ import ctypes
 
 import torch
 
-from kernels import native, reference
-from kernels.native import I32, I64, PTR
+from pagedserve_kernels import native, reference
+from pagedserve_kernels.native import I32, I64, PTR
 
 _NAME = "argmax_cpu"
 _SUFFIXES = native.SUFFIXES

@@ -1,5 +1,5 @@
 """A whole decode step of a Llama-family decoder on CPU through kernels/csrc/decoder_cpu.cpp: all
-layers (norms, GEMMs from kernels.cpu_linear's packed copies, q/k norm, rotary, the KV cache
+layers (norms, GEMMs from kernels/cpu_linear.py's packed copies, q/k norm, rotary, the KV cache
 write, decode attention, SiLU-and-mul) and the final norm in one call, for batches of a few
 decodes, in fp32 or in bf16 (every tensor of a model in one dtype; fp32 sums).
 `DecoderTensors` checks a model's tensors once and keeps the table of their addresses;
@@ -14,8 +14,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kernels import cpu_linear, cpu_quant, native
-from kernels.native import F32, I32, I64, PTR
+from pagedserve_kernels import cpu_linear, cpu_quant, native
+from pagedserve_kernels.native import F32, I32, I64, PTR
 
 _NAME = "decoder_cpu"
 _SUFFIXES = native.SUFFIXES

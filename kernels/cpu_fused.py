@@ -10,8 +10,8 @@ import ctypes
 
 import torch
 
-from kernels import native
-from kernels.native import F32, I32, I64, PTR
+from pagedserve_kernels import native
+from pagedserve_kernels.native import F32, I32, I64, PTR
 
 _NAME = "fused_cpu"
 _SUFFIXES = native.SUFFIXES

@@ -13,8 +13,8 @@ import ctypes
 
 import torch
 
-from kernels import native
-from kernels.native import I32, I64, PTR
+from pagedserve_kernels import native
+from pagedserve_kernels.native import I32, I64, PTR
 
 _NAME = "gemm_cpu"
 _ARGS = [PTR, I64, PTR, PTR, PTR, I64, I64, I32, I32]  # then the thread count

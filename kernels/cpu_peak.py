@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from kernels import native
-from kernels.native import I32, I64, PTR
+from pagedserve_kernels import native
+from pagedserve_kernels.native import I32, I64, PTR
 
 _NAME = "peak_cpu"
 _SIGNATURES = {"pagedserve_fma_peak_f32": ([I64, I32, PTR], ctypes.c_double),

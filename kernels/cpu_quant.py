@@ -14,8 +14,8 @@ import ctypes
 
 import torch
 
-from kernels import native
-from kernels.native import I32, I64, PTR
+from pagedserve_kernels import native
+from pagedserve_kernels.native import I32, I64, PTR
 
 _NAME = "gemm_q8_cpu"
 _SIGNATURES = {"pagedserve_gemm_q8_0_f32": ([PTR, I64, PTR, PTR, PTR, I64, I64, I32, I32, I32],

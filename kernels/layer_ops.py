@@ -1,5 +1,5 @@
 """The element-wise steps of a decoder layer (RMSNorm with the residual add, SiLU-and-mul,
-rotary), one entry point each. `backend` as for attention (kernels/__init__.py): "auto" and
+rotary), one entry point each. `backend` as for attention (kernels/ops.py): "auto" and
 "cpu" run fp32 and bf16 CPU rows through kernels.cpu_fused where it is built and takes the
 tensors, everything else (and "torch", "triton") through kernels.reference."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu_fused, reference
+from pagedserve_kernels import cpu_fused, reference
 
 _FUSED = ("auto", "cpu")
 

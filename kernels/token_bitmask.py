@@ -8,8 +8,8 @@ import ctypes
 
 import torch
 
-from kernels import native, reference
-from kernels.native import I32, I64, PTR
+from pagedserve_kernels import native, reference
+from pagedserve_kernels.native import I32, I64, PTR
 
 _NAME = "bitmask_cpu"
 _SIGNATURES = {

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_attention
+from pagedserve_kernels import cpu_attention
 
 
 @dataclass(slots=True)

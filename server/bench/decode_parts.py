@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu_decoder
+from pagedserve_kernels import cpu_decoder
 from server.config import ModelConfig
 from server.model_runner.cpu import KernelChoice, compiled_decode_step
 from server.models.base import ModelOptions

@@ -118,17 +118,16 @@ def copy_bandwidth(device, iters: int, warmup: int) -> float:
 
 
 def check_correctness(args, device, dtype) -> list[str]:
-    import kernels
-
+    from pagedserve_kernels import ops
     failures = []
     scale = args.head_dim ** -0.5
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for name, q_lens, context in (("decode", [1] * 8, 4096), ("mixed", [1, 1, 300, 1], 2048),
                                   ("prefill", [2048], 2048)):
         inputs = _paged_inputs(len(q_lens), q_lens, context, args, device, dtype)
-        ref = kernels.paged_attention(*inputs, scale, backend="torch")
+        ref = ops.paged_attention(*inputs, scale, backend="torch")
         for splits in (1, None, 8) if name == "decode" else (1,):
-            out = kernels.paged_attention(*inputs, scale, backend="triton", num_splits=splits)
+            out = ops.paged_attention(*inputs, scale, backend="triton", num_splits=splits)
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
             status = "ok" if err < tol else "FAIL"
             print(f"correctness {name:8s} splits={splits}: rel err {err:.2e} {status}")
@@ -140,8 +139,7 @@ def check_correctness(args, device, dtype) -> list[str]:
 def run_case(case: Case, args, device, dtype, copy_gbs: float) -> Result:
     import torch.nn.functional as F
 
-    import kernels
-
+    from pagedserve_kernels import ops
     scale = args.head_dim ** -0.5
     elem = torch.empty((), dtype=dtype).element_size()
     kv_bytes_per_token = 2 * args.num_kv_heads * args.head_dim * elem
@@ -154,7 +152,7 @@ def run_case(case: Case, args, device, dtype, copy_gbs: float) -> Result:
         key_cache = torch.empty(cache_shape, device=device, dtype=dtype)
         value_cache = torch.empty_like(key_cache)
         slots = torch.randperm(num_blocks * args.block_size, device=device)[:n]
-        ms = _time_ms(lambda: kernels.reshape_and_cache(key, value, key_cache, value_cache,
+        ms = _time_ms(lambda: ops.reshape_and_cache(key, value, key_cache, value_cache,
                                                         slots, backend="triton"),
                       args.iters, args.warmup)
         gbs = 2 * n * kv_bytes_per_token / (ms * 1e-3) / 1e9  # read + write
@@ -163,7 +161,7 @@ def run_case(case: Case, args, device, dtype, copy_gbs: float) -> Result:
     inputs = _paged_inputs(case.batch, q_lens, case.context, args, device, dtype)
     q, key_cache, value_cache, block_table = inputs[:4]
     out = torch.empty_like(q)
-    ms = _time_ms(lambda: kernels.paged_attention(*inputs, scale, out=out, backend="triton"),
+    ms = _time_ms(lambda: ops.paged_attention(*inputs, scale, out=out, backend="triton"),
                   args.iters, args.warmup)
     k = _gather(key_cache, block_table, case.context)
     v = _gather(value_cache, block_table, case.context)

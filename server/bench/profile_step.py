@@ -123,7 +123,7 @@ def top_ops(engine, steps: int | None, top: int) -> list[dict]:
     per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from kernels import cpu_attention, cpu_decoder, cpu_fused, cpu_linear
+    from pagedserve_kernels import cpu_attention, cpu_decoder, cpu_fused, cpu_linear
 
     undo = [_labelled(cpu_attention, "paged_decode"), _labelled(cpu_linear, "linear"),
             _labelled(cpu_decoder, "decode_step")]

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu_peak
+from pagedserve_kernels import cpu_peak
 from server.bench.args import parse_ints
 from server.config import DTYPES
 from server.models.arch_config import ArchConfig

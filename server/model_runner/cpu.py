@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import cpu_attention, cpu_decoder, cpu_fused
+from pagedserve_kernels import cpu_attention, cpu_decoder, cpu_fused
 from server.config import ModelConfig
 from server.model_runner import prefill_choice, step_choice
 from server.models.arch_config import ArchConfig

@@ -14,8 +14,7 @@ import logging
 
 import torch
 
-import kernels
-from kernels import native
+from pagedserve_kernels import native, ops
 from server.model_runner import step_choice
 
 logger = logging.getLogger(__name__)
@@ -61,9 +60,9 @@ def measure(seq_len: int, num_heads: int, num_kv_heads: int, head_dim: int, bloc
     table, seq_lens, starts = args[3:6]
 
     def run(limit: int | None):
-        plan = kernels.attention_plan(table, seq_lens, starts, block_size, sliding_window,
+        plan = ops.attention_plan(table, seq_lens, starts, block_size, sliding_window,
                                       backend="cpu", native_prefill_len=limit)
-        return lambda: kernels.paged_attention(*args, scale, sliding_window=sliding_window,
+        return lambda: ops.paged_attention(*args, scale, sliding_window=sliding_window,
                                                backend="cpu", plan=plan)
 
     kernel, sdpa = run(None), run(0)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+from pagedserve_kernels import ops
 from server.config import EngineConfig
 from server.model_runner.cpu import (
     choose_kernels,
@@ -200,7 +200,7 @@ class ModelRunner:
         md = AttentionMetadata(
             query_start_loc=query_start_loc, seq_lens=seq_lens, block_table=table,
             slot_mapping=slot_mapping.to(dev), attention_backend=backend,
-            plan=kernels.attention_plan(table, seq_lens, query_start_loc, self.block_size,
+            plan=ops.attention_plan(table, seq_lens, query_start_loc, self.block_size,
                                         self.arch.sliding_window, backend=backend,
                                         native_prefill_len=self.native_prefill_len))
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)

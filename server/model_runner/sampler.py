@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.argmax import argmax_rows
+from pagedserve_kernels.argmax import argmax_rows
 from server.model_runner.request_state import RequestState
 from server.outputs import SampleResult
 from server.structured.matcher import apply_grammar_masks

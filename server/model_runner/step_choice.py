@@ -19,8 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-import kernels
-from kernels import native
+from pagedserve_kernels import native, ops
 from server.models.attention_metadata import AttentionMetadata
 from server.models.layers.gemm_choice import TableCache
 
@@ -52,7 +51,7 @@ def decode_batch(rows: int, num_blocks: int, block_size: int, sliding_window: in
     seq_lens = torch.full((rows,), context, dtype=torch.int32)
     query_start_loc = torch.arange(rows + 1, dtype=torch.int32)
     slots = torch.full((rows,), -1, dtype=torch.int64)
-    plan = kernels.attention_plan(table, seq_lens, query_start_loc, block_size, sliding_window,
+    plan = ops.attention_plan(table, seq_lens, query_start_loc, block_size, sliding_window,
                                   backend=backend)
     md = AttentionMetadata(query_start_loc, seq_lens, table, slots, backend, plan)
     return (torch.zeros(rows, dtype=torch.long), torch.full((rows,), context - 1), md)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.torch_attention import AttentionPlan
+from pagedserve_kernels.torch_attention import AttentionPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,5 +16,5 @@ class AttentionMetadata:
     block_table: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
     slot_mapping: torch.Tensor  # [num_tokens] int64, block_id * block_size + offset
     attention_backend: str = "auto"
-    # kernels.attention_plan(...) of this step, shared by the layers; None where Triton runs.
+    # ops.attention_plan(...) of this step, shared by the layers; None where Triton runs.
     plan: AttentionPlan | None = None

@@ -44,7 +44,7 @@ class ModelOptions:
     max_position: int  # rotary tables cover positions below this
     dtype: torch.dtype = torch.float32
     linear_method: LinearMethod = field(default_factory=UnquantizedLinearMethod)
-    kernel_backend: str = "auto"  # kernels.BACKENDS: norms, SiLU-and-mul, rotary
+    kernel_backend: str = "auto"  # pagedserve_kernels.ops.BACKENDS: norms, SiLU-and-mul, rotary
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import xgrammar as xgr
 
-from kernels.token_bitmask import apply_token_bitmask_
+from pagedserve_kernels.token_bitmask import apply_token_bitmask_
 
 
 class GrammarState:

@@ -1,14 +1,14 @@
 """Kernel tests: the Triton kernels run on CPU tensors under Triton's interpreter.
 
 `triton.jit` picks the interpreter (an `InterpretedFunction`) instead of the GPU compiler (a
-`JITFunction`) when the kernel is *decorated*, that is when `kernels.paged_attention` and
-`kernels.reshape_and_cache` are imported, and so do triton's own library functions (`tl.max`,
-`tl.cdiv`, ...) when `triton.language` is first imported. So TRITON_INTERPRET must be set before
-anything imports triton or `kernels`: here, at the top of this conftest. pytest imports it before
-this directory's test modules; with a plain `pytest` (testpaths = tests) the directories before
-this one are tests/conftest.py and tests/e2e/, which import neither triton nor `kernels`; when a
-path under tests/kernels is given on the command line, pytest loads this conftest at start-up,
-before collecting anything (so `pytest tests/models tests/kernels` is safe too). The
+`JITFunction`) when the kernel is *decorated*, that is when `pagedserve_kernels.paged_attention` and
+`pagedserve_kernels.reshape_and_cache` are imported, and so do triton's own library functions
+(`tl.max`, `tl.cdiv`, ...) when `triton.language` is first imported. So TRITON_INTERPRET must be set
+before anything imports triton or the kernels: here, at the top of this conftest. pytest imports it
+before this directory's test modules; with a plain `pytest` (testpaths = tests) the directories
+before this one are tests/conftest.py and tests/e2e/, which import neither triton nor `kernels`;
+when a path under tests/kernels is given on the command line, pytest loads this conftest at
+start-up, before collecting anything (so `pytest tests/models tests/kernels` is safe too). The
 `interpreter_mode` fixture below fails every kernel test with a clear message should some earlier
 import ever load the kernels for the GPU compiler instead.
 
@@ -26,7 +26,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
-KERNEL_MODULES = ("kernels.paged_attention", "kernels.reshape_and_cache")
+KERNEL_MODULES = ("pagedserve_kernels.paged_attention", "pagedserve_kernels.reshape_and_cache")
 
 
 def jitted_kernels() -> dict[str, object]:
@@ -55,7 +55,8 @@ def interpreter_mode():
     assert not compiled, (
         f"{compiled} were decorated for the GPU compiler, not the interpreter: something imported "
         f"triton or kernels before tests/kernels/conftest.py set TRITON_INTERPRET=1 "
-        f"(already imported: {sorted(m for m in sys.modules if m.startswith('kernels'))})")
+        f"(already imported: "
+        f"{sorted(m for m in sys.modules if m.startswith('pagedserve_kernels'))})")
     import triton.language as tl
 
     assert isinstance(tl.cdiv, InterpretedFunction), \
@@ -84,8 +85,9 @@ class LaunchLog:
 
 @pytest.fixture
 def launches(monkeypatch) -> LaunchLog:
-    """Count kernel launches made through the wrappers of kernels.paged_attention and
-    kernels.reshape_and_cache (the modules' globals are swapped for recording launchers)."""
+    """Count kernel launches made through the wrappers of pagedserve_kernels.paged_attention
+    and pagedserve_kernels.reshape_and_cache (the modules' globals are swapped for recording
+    launchers)."""
     log = LaunchLog()
     for module_name in KERNEL_MODULES:
         module = importlib.import_module(module_name)

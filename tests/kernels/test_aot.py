@@ -98,8 +98,8 @@ def _capture_launches(job: Job) -> list[tuple[object, dict]]:
     """Call the wrapper with the kernels swapped for recorders; return (kernel, bound args)."""
     import importlib
 
-    pa = importlib.import_module("kernels.paged_attention")
-    rc = importlib.import_module("kernels.reshape_and_cache")
+    pa = importlib.import_module("pagedserve_kernels.paged_attention")
+    rc = importlib.import_module("pagedserve_kernels.reshape_and_cache")
     captured: list[tuple[object, dict]] = []
 
     class Recorder:
@@ -266,7 +266,7 @@ def test_covers_every_kernel_on_both_archs():
     covered = {(name, arch, job.dtype) for job, arch, name in COMPILES}
     import importlib
 
-    for module in ("kernels.paged_attention", "kernels.reshape_and_cache"):
+    for module in ("pagedserve_kernels.paged_attention", "pagedserve_kernels.reshape_and_cache"):
         names = [n for n in vars(importlib.import_module(module)) if n.endswith("_kernel")]
         for name in names:
             for arch in ARCHS:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import argmax, reference
-from kernels.argmax import argmax_rows
+from pagedserve_kernels import argmax, reference
+from pagedserve_kernels.argmax import argmax_rows
 
 DTYPES = (torch.float32, torch.bfloat16)
 

@@ -10,8 +10,7 @@ import shutil
 import pytest
 import torch
 
-import kernels
-from kernels import cpu_attention, native, reference, torch_attention
+from pagedserve_kernels import cpu_attention, native, ops, reference, torch_attention
 from tests.kernels.test_paged_attention import (
     POISON,
     batch_seqs,
@@ -35,7 +34,7 @@ def native_only(monkeypatch):
 @needs_compiler
 def test_kernel_builds_here():
     assert cpu_attention.available()
-    assert kernels._resolve("auto", torch.zeros(1)) == "cpu"
+    assert ops._resolve("auto", torch.zeros(1)) == "cpu"
 
 
 @needs_compiler
@@ -55,7 +54,7 @@ def test_decodes_run_in_the_kernel(dtype, num_decodes, head_dim, group, block_si
     batch = make_batch(seqs, num_kv_heads=2, group=group, head_dim=head_dim,
                        block_size=block_size, dtype=dtype, seed=num_decodes + head_dim)
     out = torch.full_like(batch.query, float("nan"))
-    kernels.paged_attention(*batch.args(), out=out, sliding_window=window, backend="cpu")
+    ops.paged_attention(*batch.args(), out=out, sliding_window=window, backend="cpu")
     assert_close(out, reference.paged_attention(*batch.args(), sliding_window=window))
 
 
@@ -70,7 +69,7 @@ def test_prompt_rows_run_in_the_kernel(dtype, window, native_only, assert_close)
     batch = make_batch(seqs, num_kv_heads=2, group=3, head_dim=64, block_size=16, dtype=dtype,
                        seed=21)
     out = torch.full_like(batch.query, float("nan"))
-    kernels.paged_attention(*batch.args(), out=out, sliding_window=window, backend="cpu")
+    ops.paged_attention(*batch.args(), out=out, sliding_window=window, backend="cpu")
     assert_close(out, reference.paged_attention(*batch.args(), sliding_window=window))
 
 
@@ -83,7 +82,7 @@ def test_prompts_longer_than_the_plans_limit_keep_sdpa(limit, monkeypatch, asser
     batch = make_batch(seqs, num_kv_heads=2, group=3, head_dim=64, block_size=16,
                        dtype=torch.float32, seed=22)
     _, _, _, table, seq_lens, starts = batch.args()[:6]
-    plan = kernels.attention_plan(table, seq_lens, starts, 16, None, backend="cpu",
+    plan = ops.attention_plan(table, seq_lens, starts, 16, None, backend="cpu",
                                   native_prefill_len=limit)
     sdpa_lens = []
     one_sequence = torch_attention._one_sequence
@@ -92,7 +91,7 @@ def test_prompts_longer_than_the_plans_limit_keep_sdpa(limit, monkeypatch, asser
         sdpa_lens.append(p.seq_len)
         one_sequence(query, key_cache, value_cache, p, scale, out)
     monkeypatch.setattr(torch_attention, "_one_sequence", counted)
-    out = kernels.paged_attention(*batch.args(), plan=plan)
+    out = ops.paged_attention(*batch.args(), plan=plan)
     assert_close(out, reference.paged_attention(*batch.args()))
     assert sorted(sdpa_lens) == sorted(c + q for c, q in seqs if q > 1 and c + q > limit)
 
@@ -108,7 +107,7 @@ def test_strided_query_cache_and_out(kind, native_only, assert_close):
     out_buf = torch.full((num_tokens, num_heads + 1, head_dim), POISON)
     out_buf[:, :num_heads] = float("nan")
     out = out_buf[:, :num_heads]
-    kernels.paged_attention(*batch.args(), out=out, backend="cpu")
+    ops.paged_attention(*batch.args(), out=out, backend="cpu")
     assert_close(out, reference.paged_attention(*batch.args()))
     assert (out_buf[:, -1] == POISON).all()
 
@@ -118,10 +117,10 @@ def test_plan_from_the_runner_entry_point_is_native(native_only, assert_close):
     batch = make_batch([(20, 1), (0, 17), (33, 1)], num_kv_heads=1, group=2, head_dim=64,
                        block_size=16, dtype=torch.float32, seed=6)
     _, _, _, table, seq_lens, starts = batch.args()[:6]
-    plan = kernels.attention_plan(table, seq_lens, starts, 16, None, backend="auto")
+    plan = ops.attention_plan(table, seq_lens, starts, 16, None, backend="auto")
     assert plan.native and plan.gather is None
     for _ in range(2):  # one plan, every layer
-        assert_close(kernels.paged_attention(*batch.args(), plan=plan),
+        assert_close(ops.paged_attention(*batch.args(), plan=plan),
                      reference.paged_attention(*batch.args()))
     assert plan.gather is None and not plan.buffers  # nothing gathered
 
@@ -132,14 +131,14 @@ def test_unsupported_tensors_take_the_torch_path(assert_close):
     batch = make_batch(batch_seqs("decode", 16), num_kv_heads=2, group=2, head_dim=64,
                        block_size=16, dtype=torch.float16, seed=2)
     assert not cpu_attention.supports(*batch.args()[:3])
-    assert_close(kernels.paged_attention(*batch.args(), backend="cpu"),
+    assert_close(ops.paged_attention(*batch.args(), backend="cpu"),
                  reference.paged_attention(*batch.args()))
     batch = make_batch(batch_seqs("decode", 16), num_kv_heads=2, group=2, head_dim=64,
                        block_size=16, dtype=torch.float32, seed=2)
     out = torch.full((batch.query.shape[0], batch.query.shape[2], batch.query.shape[1]),
                      float("nan")).transpose(1, 2)
     assert not cpu_attention.supports(*batch.args()[:3], out)
-    kernels.paged_attention(*batch.args(), out=out, backend="cpu")
+    ops.paged_attention(*batch.args(), out=out, backend="cpu")
     assert_close(out, reference.paged_attention(*batch.args()))
 
 
@@ -179,7 +178,7 @@ def test_build_is_cached_and_keyed_by_the_source(scratch_source, tmp_path):
 
 def test_failed_build_falls_back_with_one_warning(scratch_source, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
-    with caplog.at_level(logging.WARNING, logger="kernels.native"):
+    with caplog.at_level(logging.WARNING, logger="pagedserve_kernels.native"):
         assert native.load("answer") is None
         assert native.load("answer") is None
     warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
@@ -198,4 +197,4 @@ def test_out_of_range_inputs_raise_instead_of_reading_memory(damage, match):
                        block_size=16, dtype=torch.float32, seed=9)
     damage(batch)
     with pytest.raises(ValueError, match=match):
-        kernels.paged_attention(*batch.args(), backend="cpu")
+        ops.paged_attention(*batch.args(), backend="cpu")

@@ -12,8 +12,7 @@ import dataclasses
 import pytest
 import torch
 
-import kernels
-from kernels import cpu_decoder
+from pagedserve_kernels import cpu_decoder, ops
 from server.config import ModelConfig
 from server.model_runner.cpu import (
     COMPILED_DECODE_ROWS,
@@ -82,7 +81,7 @@ def make_step(model: CausalLM, seq_lens: list[int], seed: int = 1, backend: str 
              + positions % BLOCK_SIZE)
     query_start_loc = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
     md = AttentionMetadata(query_start_loc, lens, table, slots, backend,
-                           kernels.attention_plan(table, lens, query_start_loc, BLOCK_SIZE,
+                           ops.attention_plan(table, lens, query_start_loc, BLOCK_SIZE,
                                                   cfg.sliding_window, backend=backend))
     input_ids = torch.randint(0, cfg.vocab_size, (len(seq_lens),), generator=g)
     return input_ids, positions, caches, md

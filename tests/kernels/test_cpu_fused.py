@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_fused, reference
-from kernels.reference import rotary as rotate
+from pagedserve_kernels import cpu_fused, reference
+from pagedserve_kernels.reference import rotary as rotate
 from server.models.layers.rotary import RotaryEmbedding
 from tests.kernels.test_cpu_attention import needs_compiler
 

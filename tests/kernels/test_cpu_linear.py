@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_linear
+from pagedserve_kernels import cpu_linear
 from tests.kernels.test_cpu_attention import needs_compiler
 
 pytestmark = needs_compiler

@@ -7,7 +7,7 @@ import ctypes
 
 import pytest
 
-from kernels import cpu_peak, native
+from pagedserve_kernels import cpu_peak, native
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import cpu_quant, native, reference
+from pagedserve_kernels import cpu_quant, native, reference
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -31,8 +31,8 @@ def prompts(seed: int) -> tuple[list[list[int]], list[list[int]]]:
 @pytest.fixture
 def batches(monkeypatch) -> list[str]:
     """Spy on the Triton wrappers: the kind of every batch paged_attention gets."""
-    pa = importlib.import_module("kernels.paged_attention")
-    rc = importlib.import_module("kernels.reshape_and_cache")
+    pa = importlib.import_module("pagedserve_kernels.paged_attention")
+    rc = importlib.import_module("pagedserve_kernels.reshape_and_cache")
     seen: list[str] = []
     attention, cache = pa.paged_attention, rc.reshape_and_cache
 

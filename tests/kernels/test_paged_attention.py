@@ -1,4 +1,4 @@
-"""`kernels.paged_attention(..., backend="triton")` (interpreted on CPU) against kernels.reference.
+"""`ops.paged_attention(..., backend="triton")` (interpreted on CPU) against kernels.reference.
 
 Each case builds a flattened batch over a paged cache with shuffled physical blocks, padding
 entries in the block table, and poison (a large finite value) everywhere in the cache that no
@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.paged_attention import DEFAULT_NUM_SPLITS, choose_num_splits
+from pagedserve_kernels import ops, reference
+from pagedserve_kernels.paged_attention import DEFAULT_NUM_SPLITS, choose_num_splits
 
 POISON = 1e4  # finite (stale cache memory is finite) but ruinous for any output that reads it
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -202,7 +201,7 @@ def run_case(case: Case, launches, assert_close, *, strided: bool = False,
     else:
         out = torch.full_like(batch.query, float("nan"))
     splits = case.num_splits if num_splits == "case" else num_splits
-    result = kernels.paged_attention(*batch.args(), out=out, sliding_window=window,
+    result = ops.paged_attention(*batch.args(), out=out, sliding_window=window,
                                      backend="triton", num_splits=splits)
     assert result is out
     expected = reference.paged_attention(*batch.args(), sliding_window=window)
@@ -268,7 +267,7 @@ def test_choose_num_splits():
 def test_out_none_allocates(assert_close):
     batch = make_batch(batch_seqs("mixed", 16), num_kv_heads=2, group=2, head_dim=64,
                        block_size=16, dtype=torch.float32, seed=1)
-    out = kernels.paged_attention(*batch.args(), backend="triton")
+    out = ops.paged_attention(*batch.args(), backend="triton")
     assert out.shape == batch.query.shape and out.dtype == batch.query.dtype
     assert out.data_ptr() != batch.query.data_ptr()
     assert_close(out, reference.paged_attention(*batch.args()))
@@ -278,7 +277,7 @@ def test_empty_batch_launches_nothing(launches):
     batch = make_batch([(3, 1)], num_kv_heads=1, group=1, head_dim=64, block_size=16,
                        dtype=torch.float32, seed=2)
     query = batch.query[:0]
-    out = kernels.paged_attention(query, batch.key_cache, batch.value_cache,
+    out = ops.paged_attention(query, batch.key_cache, batch.value_cache,
                                   batch.block_table[:0], batch.seq_lens[:0],
                                   batch.query_start_loc[:1], batch.scale, backend="triton")
     assert out.shape == (0, 1, 64)

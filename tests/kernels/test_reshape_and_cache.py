@@ -1,4 +1,4 @@
-"""`kernels.reshape_and_cache` (backend "triton", interpreted on CPU, and "torch") against the
+"""`ops.reshape_and_cache` (backend "triton", interpreted on CPU, and "torch") against the
 reference.
 
 K and V are strided views of a fused qkv projection's output, as the model passes them; the
@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from pagedserve_kernels import ops, reference
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -70,7 +69,7 @@ def test_matches_reference(dtype, block_size, num_kv_heads, head_dim, slot_dtype
     reference.reshape_and_cache(key, value, expected_k, expected_v, slot_mapping)
     assert not torch.equal(expected_k, original_k)  # the test writes something
 
-    kernels.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, backend=backend)
+    ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, backend=backend)
     assert torch.equal(key_cache, expected_k), \
         f"key cache differs in {int((key_cache != expected_k).sum())} elements"
     assert torch.equal(value_cache, expected_v), \
@@ -90,7 +89,7 @@ def test_padding_only_leaves_caches_untouched(backend):
     key_cache, value_cache = random_caches(2, 16, 2, 64, torch.bfloat16, gen, False)
     before = key_cache.clone(), value_cache.clone()
     slots = torch.full((6,), -1, dtype=torch.int64)
-    kernels.reshape_and_cache(key, value, key_cache, value_cache, slots, backend=backend)
+    ops.reshape_and_cache(key, value, key_cache, value_cache, slots, backend=backend)
     assert torch.equal(key_cache, before[0]) and torch.equal(value_cache, before[1])
 
 
@@ -99,7 +98,7 @@ def test_no_tokens_is_a_no_op(launches):
     key, value = fused_kv(0, 2, 1, 64, torch.float32, gen)
     key_cache, value_cache = random_caches(2, 16, 1, 64, torch.float32, gen, False)
     before = key_cache.clone()
-    kernels.reshape_and_cache(key, value, key_cache, value_cache,
+    ops.reshape_and_cache(key, value, key_cache, value_cache,
                               torch.empty(0, dtype=torch.int64), backend="triton")
     assert torch.equal(key_cache, before)
     assert launches.launches == []
@@ -109,6 +108,6 @@ def test_one_program_per_token(launches):
     gen = torch.Generator().manual_seed(9)
     key, value = fused_kv(5, 2, 1, 64, torch.float32, gen)
     key_cache, value_cache = random_caches(2, 16, 1, 64, torch.float32, gen, False)
-    kernels.reshape_and_cache(key, value, key_cache, value_cache,
+    ops.reshape_and_cache(key, value, key_cache, value_cache,
                               torch.tensor([0, 1, -1, 17, 31]), backend="triton")
     assert launches.launches == [("reshape_and_cache_kernel", (5,))]

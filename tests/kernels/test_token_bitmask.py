@@ -8,8 +8,8 @@ import pytest
 import torch
 import xgrammar as xgr
 
-from kernels import native, reference
-from kernels.token_bitmask import apply_token_bitmask_
+from pagedserve_kernels import native, reference
+from pagedserve_kernels.token_bitmask import apply_token_bitmask_
 
 
 def pack(allowed: torch.Tensor) -> torch.Tensor:

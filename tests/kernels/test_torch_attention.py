@@ -9,8 +9,7 @@ import warnings
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from pagedserve_kernels import ops, reference
 from tests.kernels.test_cpu_attention import needs_compiler
 from tests.kernels.test_paged_attention import (
     DTYPES,
@@ -33,7 +32,7 @@ def test_torch_path_matches_reference(case, backend, assert_close):
                        seed=case.seed())
     window = window_size(case.window, bs)
     out = torch.full_like(batch.query, float("nan"))
-    result = kernels.paged_attention(*batch.args(), out=out, sliding_window=window,
+    result = ops.paged_attention(*batch.args(), out=out, sliding_window=window,
                                      backend=backend)
     assert result is out
     assert_close(out, reference.paged_attention(*batch.args(), sliding_window=window))
@@ -44,7 +43,7 @@ def test_torch_path_decode_rows_inside_a_mixed_batch(assert_close):
     seqs = [(20, 1), (0, 17), (33, 1), (5, 4), (2, 1)]
     batch = make_batch(seqs, num_kv_heads=2, group=4, head_dim=64, block_size=16,
                        dtype=torch.float32, seed=3)
-    out = kernels.paged_attention(*batch.args(), backend="torch")
+    out = ops.paged_attention(*batch.args(), backend="torch")
     assert_close(out, reference.paged_attention(*batch.args()))
 
 
@@ -55,16 +54,16 @@ def test_one_plan_serves_every_call_of_a_step(assert_close):
     batch = make_batch(seqs, num_kv_heads=2, group=4, head_dim=64, block_size=16,
                        dtype=torch.float32, seed=5)
     _, _, _, table, seq_lens, starts = batch.args()[:6]
-    plan = kernels.attention_plan(table, seq_lens, starts, 16, None, backend="torch")
+    plan = ops.attention_plan(table, seq_lens, starts, 16, None, backend="torch")
     expected = reference.paged_attention(*batch.args())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. a reused gather buffer of the wrong shape
         for _ in range(2):
-            assert_close(kernels.paged_attention(*batch.args(), backend="torch", plan=plan),
+            assert_close(ops.paged_attention(*batch.args(), backend="torch", plan=plan),
                          expected)
     assert sorted(k[0] for k in plan.buffers) == ["k", "v"]  # one K and one V buffer, reused
     windowed = reference.paged_attention(*batch.args(), sliding_window=7)
-    assert_close(kernels.paged_attention(*batch.args(), sliding_window=7, backend="torch",
+    assert_close(ops.paged_attention(*batch.args(), sliding_window=7, backend="torch",
                                          plan=plan), windowed)
 
 
@@ -73,7 +72,7 @@ def test_all_decode_plan_batches_every_row():
     batch = make_batch(seqs, num_kv_heads=1, group=2, head_dim=64, block_size=16,
                        dtype=torch.float32, seed=6)
     _, _, _, table, seq_lens, starts = batch.args()[:6]
-    plan = kernels.attention_plan(table, seq_lens, starts, 16, None, backend="torch")
+    plan = ops.attention_plan(table, seq_lens, starts, 16, None, backend="torch")
     assert plan.all_decode and not plan.prefills and not plan.native
     assert plan.decode_gather().width == 3 and plan.decode_gather().blocks.numel() == 3 * 3
 
@@ -97,9 +96,9 @@ def test_unused_slots_full_of_nan_change_nothing(name, window, backend):
     seqs, kv_heads, group, head_dim = POISONED_BATCHES[name]
     batch = make_batch(seqs, num_kv_heads=kv_heads, group=group, head_dim=head_dim,
                        block_size=16, dtype=torch.float32, seed=11)
-    clean = kernels.paged_attention(*batch.args(), sliding_window=window, backend=backend)
+    clean = ops.paged_attention(*batch.args(), sliding_window=window, backend=backend)
     for cache in (batch.key_cache, batch.value_cache):
         cache[cache == POISON] = float("nan")
-    poisoned = kernels.paged_attention(*batch.args(), sliding_window=window, backend=backend)
+    poisoned = ops.paged_attention(*batch.args(), sliding_window=window, backend=backend)
     assert not poisoned.isnan().any()
     assert torch.equal(poisoned, clean)

@@ -8,10 +8,10 @@ import importlib
 import pytest
 import torch
 
-import kernels
+from pagedserve_kernels import ops
 
-pa = importlib.import_module("kernels.paged_attention")
-rc = importlib.import_module("kernels.reshape_and_cache")
+pa = importlib.import_module("pagedserve_kernels.paged_attention")
+rc = importlib.import_module("pagedserve_kernels.reshape_and_cache")
 
 NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEADS, HEAD_DIM = 6, 16, 2, 4, 64
 
@@ -101,7 +101,7 @@ def test_paged_attention_rejects(change, match, launches):
     args |= {k: f(args) for k, f in change.items()}
     args.setdefault("backend", "triton")
     with pytest.raises(ValueError, match=match):
-        kernels.paged_attention(**args)
+        ops.paged_attention(**args)
     assert launches.launches == []
 
 
@@ -155,7 +155,7 @@ def test_reshape_and_cache_rejects(change, match, launches):
     args |= {k: f(args) for k, f in change.items()}
     args.setdefault("backend", "triton")
     with pytest.raises(ValueError, match=match):
-        kernels.reshape_and_cache(**args)
+        ops.reshape_and_cache(**args)
     assert launches.launches == []
     if args["key_cache"].shape == before.shape:
         assert torch.equal(args["key_cache"], before)
@@ -187,7 +187,7 @@ def test_grids_come_from_shapes_alone(recorded):
     the host (.item(), .tolist(), int(), a max over seq_lens...) would raise."""
     args = attention_args("meta")
     num_tokens = args["query"].shape[0]
-    out = kernels.paged_attention(**args, backend="triton")
+    out = ops.paged_attention(**args, backend="triton")
     assert out.device.type == "meta" and out.shape == args["query"].shape
     meta = pa.kernel_constexprs(HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, None, False)
     assert recorded == [("paged_attention_kernel", (num_tokens // meta["BLOCK_Q"] + 3, KV_HEADS),
@@ -198,7 +198,7 @@ def test_split_grid_comes_from_shapes_alone(recorded):
     seqs = ((4, 1), (30, 1))
     args = attention_args("meta", seqs)
     args["block_table"] = torch.zeros(2, 2048 // BLOCK_SIZE, dtype=torch.int32, device="meta")
-    kernels.paged_attention(**args, sliding_window=8, backend="triton")  # auto: split-KV
+    ops.paged_attention(**args, sliding_window=8, backend="triton")  # auto: split-KV
     splits = pa.DEFAULT_NUM_SPLITS
     assert [(name, grid) for name, grid, _ in recorded] == [
         ("paged_attention_split_kernel", (2, KV_HEADS, splits)),
@@ -209,6 +209,6 @@ def test_split_grid_comes_from_shapes_alone(recorded):
 
 
 def test_reshape_and_cache_grid_comes_from_shapes_alone(recorded):
-    kernels.reshape_and_cache(**cache_args("meta"), backend="triton")
+    ops.reshape_and_cache(**cache_args("meta"), backend="triton")
     assert recorded == [("reshape_and_cache_kernel", (5,),
                          rc.kernel_constexprs(KV_HEADS, HEAD_DIM, BLOCK_SIZE))]

@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from kernels import cpu_quant, reference
+from pagedserve_kernels import cpu_quant, reference
 from server import LLM, SamplingParams
 from server.models.gguf import Q8Blocks
 from server.models.layers.linear import Linear, MergedLinear

@@ -64,7 +64,7 @@ def test_phase_timers_are_removed_again():
 
 
 def test_compiled_kernels_are_listed_and_unwrapped_again():
-    from kernels import cpu_attention, cpu_decoder, cpu_fused
+    from pagedserve_kernels import cpu_attention, cpu_decoder, cpu_fused
     from server import LLM, SamplingParams
     from server.model_runner.cpu import COMPILED_DECODE_ROWS
 
@@ -88,7 +88,7 @@ def test_compiled_kernels_are_listed_and_unwrapped_again():
 
 
 def test_decode_parts_measures_the_compiled_step():
-    from kernels import cpu_decoder
+    from pagedserve_kernels import cpu_decoder
     from server.assets import BUNDLED_MODEL_DIR
     from server.bench import decode_parts
 

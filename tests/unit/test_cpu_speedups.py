@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_linear
+from pagedserve_kernels import cpu_linear
 from server.model_runner.cpu_allocator import keep_freed_memory_mapped
 from server.models.layers import packed_gemm as linear_mod
 from server.models.layers.linear import Linear, pack_linear_weights
@@ -212,7 +212,7 @@ def test_available_memory_is_capped_by_a_cgroup_limit(tmp_path):
 def test_fused_cpu_ops_follow_the_backend_and_keep_the_tokens(tmp_path, monkeypatch, arch):
     """backend auto on fp32 CPU fuses norms, SiLU-and-mul and rotary (kernels.cpu_fused);
     backend torch keeps torch ops; greedy tokens agree."""
-    from kernels import cpu_fused
+    from pagedserve_kernels import cpu_fused
     from server import LLM, SamplingParams
     from server.models.layers.norm import RMSNorm
     from tests.model_factory import make_tiny_model

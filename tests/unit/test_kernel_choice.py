@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from kernels import cpu_attention, cpu_fused
+from pagedserve_kernels import cpu_attention, cpu_fused
 from server.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, ModelConfig
 from server.model_runner.cpu import KernelChoice, choose_kernels
 

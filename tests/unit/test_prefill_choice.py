@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import cpu_attention, reference
+from pagedserve_kernels import cpu_attention, ops, reference
 from server.model_runner import prefill_choice
 
 
@@ -46,8 +45,8 @@ def test_a_real_measurement_gives_a_measured_length_that_the_plan_applies(tmp_pa
     kernel_s, sdpa_s = prefill_choice.measure(128, 2, 1, 32, 16, torch.float32, None)
     assert kernel_s > 0 and sdpa_s > 0
     args = prefill_choice.prompt_batch(200, 2, 1, 32, 16, torch.float32)
-    plan = kernels.attention_plan(*args[3:6], 16, None, backend="cpu", native_prefill_len=limit)
-    out = kernels.paged_attention(*args, 32 ** -0.5, backend="cpu", plan=plan)
+    plan = ops.attention_plan(*args[3:6], 16, None, backend="cpu", native_prefill_len=limit)
+    out = ops.paged_attention(*args, 32 ** -0.5, backend="cpu", plan=plan)
     torch.testing.assert_close(out, reference.paged_attention(*args, 32 ** -0.5),
                                rtol=1e-4, atol=1e-5)
     assert plan.sdpa_prefill(plan.prefills[0]) == (200 > limit)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
+from pagedserve_kernels import ops
 from server.models.arch_config import ArchConfig
 from server.models.attention_metadata import AttentionMetadata
 from server.models.base import ModelOptions
@@ -47,17 +47,17 @@ class Attention(nn.Module):
             q, k = qkv[:, :self.q_size + self.kv_size].split([self.q_size, self.kv_size], -1)
             q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
             k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
-            q = kernels.rotary(q, *rope, backend=self.backend)  # the norms' outputs: their own
-            k = kernels.rotary(k, *rope, backend=self.backend)
+            q = ops.rotary(q, *rope, backend=self.backend)  # the norms' outputs: their own
+            k = ops.rotary(k, *rope, backend=self.backend)
         else:  # q and k rotated in one go: their heads are adjacent columns of qkv
             qk = qkv[:, :self.q_size + self.kv_size].view(
                 num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-            qk = kernels.rotary(qk, *rope, backend=self.backend)  # may write qkv, its own
+            qk = ops.rotary(qk, *rope, backend=self.backend)  # may write qkv, its own
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         key_cache, value_cache = kv_cache
-        kernels.reshape_and_cache(k, v, key_cache, value_cache, md.slot_mapping,
+        ops.reshape_and_cache(k, v, key_cache, value_cache, md.slot_mapping,
                                   backend=md.attention_backend)
-        out = kernels.paged_attention(q, key_cache, value_cache, md.block_table, md.seq_lens,
+        out = ops.paged_attention(q, key_cache, value_cache, md.block_table, md.seq_lens,
                                       md.query_start_loc, self.scale,
                                       sliding_window=self.sliding_window,
                                       backend=md.attention_backend, plan=md.plan)

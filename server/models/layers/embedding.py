@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu_quant
+from pagedserve_kernels import cpu_quant
 from server.models.gguf import Q8Blocks
 from server.models.layers.linear import Linear, LinearMethod
 from server.models.layers.packed_gemm import GemmPolicy, PackedWeight, linear, packed_weight

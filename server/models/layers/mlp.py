@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
+from pagedserve_kernels import ops
 from server.models.arch_config import ArchConfig
 from server.models.base import ModelOptions
 from server.models.layers.linear import Linear, MergedLinear
@@ -22,4 +22,4 @@ class GatedMLP(nn.Module):
                                 method=method, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x), backend=self.backend))
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x), backend=self.backend))

@@ -3,12 +3,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
+from pagedserve_kernels import ops
 from server.models.layers.weights import set_weight_loader
 
 
 class RMSNorm(nn.Module):
-    """RMS normalisation through kernels.rms_norm (fp32 inside, as transformers computes it)."""
+    """RMS normalisation through ops.rms_norm (fp32 inside, as transformers computes it)."""
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype | None = None,
                  backend: str = "auto") -> None:
@@ -19,8 +19,8 @@ class RMSNorm(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps, backend=self.backend)
+        return ops.rms_norm(x, self.weight, self.eps, backend=self.backend)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual += x, in place (the residual stream), then the norm of the sum."""
-        return kernels.rms_norm(x, self.weight, self.eps, residual, backend=self.backend)
+        return ops.rms_norm(x, self.weight, self.eps, residual, backend=self.backend)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_linear, native
+from pagedserve_kernels import cpu_linear, native
 from server.models.layers.gemm_choice import (
     KINDS,
     LIBRARIES,

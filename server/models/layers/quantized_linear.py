@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels import cpu_quant
+from pagedserve_kernels import cpu_quant
 from server.models.gguf import Q8Blocks
 from server.models.layers.linear import Linear, UnquantizedLinearMethod
 from server.models.layers.packed_gemm import GemmPolicy

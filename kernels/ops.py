@@ -1,4 +1,5 @@
-"""Attention over a paged KV cache. Imports torch and, when installed, triton.
+"""The kernels' entry points (`pagedserve_kernels.ops`): attention over a paged KV cache and the
+layer ops. Imports torch and, when installed, triton.
 
 Every entry point takes `backend`: "auto" (CUDA tensors -> Triton; anything else -> "cpu" when
 the compiled CPU kernels build on this machine, else "torch"), "triton" (forces the Triton
@@ -12,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu_attention, cpu_fused, cpu_linear, reference, torch_attention
-from kernels.layer_ops import rms_norm, rotary, silu_and_mul
+from pagedserve_kernels import cpu_attention, cpu_fused, cpu_linear, reference, torch_attention
+from pagedserve_kernels.layer_ops import rms_norm, rotary, silu_and_mul
 
 try:  # the Triton modules; bound to private names, the entry points below keep the public ones
-    from kernels import paged_attention as _triton_attention
-    from kernels import reshape_and_cache as _triton_cache
+    from pagedserve_kernels import paged_attention as _triton_attention
+    from pagedserve_kernels import reshape_and_cache as _triton_cache
 except ImportError:  # no triton: the torch path only
     _triton_attention = _triton_cache = None  # type: ignore[assignment]
 

@@ -49,7 +49,7 @@ class LayerTensors:
     value_cache: torch.Tensor
     # bf16: qkv, o, gate_up, down run on AMX tiles from this many rows (cpu_linear.linear)
     amx_min_rows: tuple[int, int, int, int] = (1, 1, 1, 1)
-    # fp32: which of qkv, o, gate_up, down are kernels.cpu_quant.pack_q8_0 tiles (uint8)
+    # fp32: which of qkv, o, gate_up, down are kernels/cpu_quant.py pack_blocks tiles (uint8)
     q8: tuple[bool, bool, bool, bool] = (False, False, False, False)
 
 

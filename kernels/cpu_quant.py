@@ -1,12 +1,15 @@
-"""GEMMs with 8-bit weights on CPU through kernels/csrc/gemm_q8_cpu.cpp, from weights in blocks
-of 32 values along the input, each value d * q + m (int8 q; fp16 scale d and offset m per
-block): GGUF's Q8_0 (m = 0), and its Q4_0 and Q4_1, whose 4-bit values are held as int8 (q - 8
-and q), exactly. `quantize_q8_0` makes Q8_0 blocks from a float weight, `int8_blocks` turns a
-GGUF block type into (scales, values, offsets), `pack_blocks` makes the kernel's layout,
-`linear_q8_0` computes F.linear with it: activations quantized per row and block of 32 on the
-fly, int8 dot products (AVX512-VNNI where the CPU has it), fp32 out. kernels/reference.py
-`linear_q8_0` is the same arithmetic in torch ops.
-"""
+"""GEMMs with 8-bit weights on CPU through kernels/csrc/gemm_q8_cpu.cpp, from weights in blocks of
+32 values along the input, each value d * q + m (int8 q; fp16 scale d and offset m per block):
+GGUF's Q8_0 (m = 0), and its Q4_0, Q4_1, Q5_0 and Q5_1, whose 4- and 5-bit values are held as
+int8 (q - 8, q, q - 16, q), exactly. The k-quants Q4_K and Q5_K (super-blocks of 8 x 32 values
+with 6-bit scales and mins) take the same form with their values exact and d = d_super * scale,
+m = -dmin * min rounded to fp16 (a relative 2^-11: well under 1% of a 4-bit step); Q6_K, whose
+16-value sub-blocks each have a scale, is requantized to Q8_0 (lossy: docs/cpu-kernels.md).
+`quantize_q8_0` makes Q8_0 blocks from a float weight, `int8_blocks` turns a GGUF block type
+into (scales, values, offsets), `pack_blocks` makes the kernel's layout, `linear_q8_0` computes
+F.linear with it: activations quantized per row and block of 32 on the fly, int8 dot products
+(AVX512-VNNI where the CPU has it), fp32 out. kernels/reference.py `linear_q8_0` is the same
+arithmetic in torch ops."""
 
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ _SIGNATURES = {"pagedserve_gemm_q8_0_f32": ([PTR, I64, PTR, PTR, PTR, I64, I64, 
 BLOCK = 32  # values per scale
 BLOCK_BYTES = 34  # a Q8_0 block: fp16 scale, 32 int8 values
 _TILE_BYTES = 608  # a packed tile: 16 columns x one block (csrc/gemm_q8_cpu.cpp)
-KINDS = ("Q8_0", "Q4_0", "Q4_1")  # the GGUF block types int8_blocks takes
+# the GGUF block types int8_blocks takes
+KINDS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+_K_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # a k-quant super-block of 256 values
 
 
 def _library() -> ctypes.CDLL | None:
@@ -65,18 +70,77 @@ def split_q8_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scales, values
 
 
-def _split_q4(blocks: torch.Tensor, with_offset: bool
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Q4_0 (fp16 d, 16 bytes) or Q4_1 (fp16 d, fp16 m, 16 bytes) blocks: byte i holds value i
-    in its low and value i + 16 in its high nibble."""
+def _split_4_5_bit(blocks: torch.Tensor, kind: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Q4_0/Q5_0 (fp16 d) or Q4_1/Q5_1 (fp16 d, fp16 m), then for Q5 4 bytes of fifth bits
+    (bit i of the little-endian word for value i), then 16 bytes: byte i holds value i in its
+    low and value i + 16 in its high nibble. The _0 types centre q (- 8, - 16)."""
     out_features = blocks.shape[0]
-    head = 4 if with_offset else 2
+    with_offset, five = kind.endswith("_1"), kind.startswith("Q5")
+    head = (4 if with_offset else 2) + (4 if five else 0)
     raw = blocks.reshape(out_features, -1, head + 16)
     scales = raw[..., :2].contiguous().view(torch.float16).squeeze(-1)
     mins = raw[..., 2:4].contiguous().view(torch.float16).squeeze(-1) if with_offset else None
     qs = raw[..., head:].to(torch.int16)
-    q = torch.cat([qs & 0xF, qs >> 4], dim=-1) - (0 if with_offset else 8)
+    q = torch.cat([qs & 0xF, qs >> 4], dim=-1)
+    if five:
+        qh = raw[..., head - 4:head].to(torch.int16)  # 4 bytes: values 8b .. 8b + 7 in byte b
+        bits = (qh.unsqueeze(-1) >> torch.arange(8, dtype=torch.int16)) & 1
+        q = q + (bits.reshape(*q.shape) << 4)
+    if not with_offset:
+        q = q - (16 if five else 8)
     return scales, q.to(torch.int8).reshape(out_features, -1), mins
+
+
+def _k_scales(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes of 6-bit scales and mins -> ([..., 8], [..., 8]) int16: bytes 0-3
+    and 4-7 hold sub-blocks 0-3's scales and mins in their low 6 bits; sub-blocks 4-7 take bytes
+    8-11's nibbles plus those bytes' top 2 bits."""
+    s = raw.to(torch.int16)
+    a, b, c = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    scales = torch.cat([a & 63, (c & 0xF) | ((a >> 6) << 4)], dim=-1)
+    mins = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=-1)
+    return scales, mins
+
+
+def _split_k(blocks: torch.Tensor, kind: str
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K (fp16 d, dmin, 12 scale bytes, 128 nibble bytes) or Q5_K (the same with 32 bytes of
+    fifth bits before the nibbles): 32-byte group j holds sub-block 2j in its low and 2j + 1 in
+    its high nibbles; bit k of fifth-bit byte i belongs to value i of sub-block k."""
+    out_features = blocks.shape[0]
+    raw = blocks.reshape(out_features, -1, _K_BYTES[kind])
+    n = raw.shape[1]
+    d = raw[..., 0:2].contiguous().view(torch.float16).to(torch.float32)
+    dmin = raw[..., 2:4].contiguous().view(torch.float16).to(torch.float32)
+    sc, m = _k_scales(raw[..., 4:16])
+    qs = raw[..., -128:].to(torch.int16).view(out_features, n, 4, 1, 32)
+    q = torch.cat([qs & 0xF, qs >> 4], dim=-2).view(out_features, n, 8, 32)
+    if kind == "Q5_K":
+        qh = raw[..., 16:48].to(torch.int16).view(out_features, n, 1, 32)
+        q = q + (((qh >> torch.arange(8, dtype=torch.int16).view(8, 1)) & 1) << 4)
+    scales = (d * sc).to(torch.float16).reshape(out_features, -1)
+    mins = (-(dmin * m)).to(torch.float16).reshape(out_features, -1)
+    return scales, q.to(torch.int8).reshape(out_features, -1), mins
+
+
+def dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K blocks [out, in / 256 * 210] (128 low-nibble bytes, 64 bytes of 2-bit highs, 16 int8
+    scales, fp16 d) -> the [out, in] fp32 weight, d * scale * (q - 32) per 16 values. Within
+    each half of 128 values, 32-value group g takes nibble g // 2 of byte set g % 2 and bits
+    2g..2g+1 of the high bytes."""
+    out_features = blocks.shape[0]
+    raw = blocks.reshape(out_features, -1, _K_BYTES["Q6_K"])
+    n = raw.shape[1]
+    ql = raw[..., 0:128].to(torch.int16).view(out_features, n, 2, 2, 32)
+    qh = raw[..., 128:192].to(torch.int16).view(out_features, n, 2, 1, 32)
+    sc = raw[..., 192:208].contiguous().view(torch.int8).to(torch.float32)
+    d = raw[..., 208:210].contiguous().view(torch.float16).to(torch.float32)
+    nib = torch.cat([ql & 0xF, ql >> 4], dim=-2)
+    high = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.int16).view(4, 1)) & 3
+    q = (nib | (high << 4)) - 32
+    w = q.to(torch.float32).view(out_features, n, 16, 16) * (d * sc).unsqueeze(-1)
+    return w.reshape(out_features, -1)
 
 
 def int8_blocks(kind: str, blocks: torch.Tensor
@@ -85,8 +149,12 @@ def int8_blocks(kind: str, blocks: torch.Tensor
     offsets [out, in / 32] fp16 or None)."""
     if kind == "Q8_0":
         return (*split_q8_0(blocks), None)
-    if kind in ("Q4_0", "Q4_1"):
-        return _split_q4(blocks, with_offset=kind == "Q4_1")
+    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        return _split_4_5_bit(blocks, kind)
+    if kind in ("Q4_K", "Q5_K"):
+        return _split_k(blocks, kind)
+    if kind == "Q6_K":
+        return (*split_q8_0(quantize_q8_0(dequantize_q6_k(blocks))), None)
     raise ValueError(f"no 8-bit form of {kind}; takes {', '.join(KINDS)}")
 
 
@@ -100,9 +168,12 @@ def dequantize_blocks(scales: torch.Tensor, values: torch.Tensor,
     return w.reshape(values.shape)
 
 
-def dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    """Q8_0 blocks -> the [out, in] fp32 weight they hold."""
-    return dequantize_blocks(*split_q8_0(blocks))
+def dequantize(kind: str, blocks: torch.Tensor) -> torch.Tensor:
+    """The [out, in] fp32 weight a GGUF block type (`KINDS`) holds: exact (for Q6_K too, which
+    int8_blocks requantizes)."""
+    if kind == "Q6_K":
+        return dequantize_q6_k(blocks)
+    return dequantize_blocks(*int8_blocks(kind, blocks))
 
 
 def pack_q8_0(blocks: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,8 @@ _BENCH_COMMANDS = {
                  "and the workload's ceilings"),
     "soak": ("server.bench.soak", "a long mixed workload with disconnects and bad input: "
              "answers, latency, RSS and KV use over time, then the engine's check"),
+    "perplexity": ("server.bench.perplexity", "perplexity on a text as llama-perplexity "
+                   "computes it; with --reference, greedy agreement and top-5 |Δ logprob|"),
     "kernels": ("server.bench.kernels", "Triton kernel correctness and speed on CUDA"),
     "profile": ("server.bench.profile_step", "where an engine step's time goes: phases and "
                 "top ops at a fixed decode batch, or over prompts' prefill (--prefill)"),

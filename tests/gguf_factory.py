@@ -50,7 +50,7 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
         w.shape)
 
 
-def _random_k_blocks(shape: tuple[int, int], kind: str, seed: int) -> np.ndarray:
+def random_k_blocks(shape: tuple[int, int], kind: str, seed: int) -> np.ndarray:
     block_bytes, scales = _K_QUANTS[kind]
     rows, cols = shape
     assert cols % 256 == 0, f"{kind} needs rows of a multiple of 256 values, not {cols}"
@@ -98,7 +98,7 @@ def write_gguf(model_dir: Path, out: Path, weight_type: str = "F32",
             data = permute(data, heads if ".attn_q." in name else kv_heads)
         kind = (types or {}).get(name, weight_type) if data.ndim == 2 else "F32"
         if kind in _K_QUANTS:
-            writer.add_tensor(name, _random_k_blocks(data.shape, kind, seed=i),
+            writer.add_tensor(name, random_k_blocks(data.shape, kind, seed=i),
                               raw_dtype=gguf.GGMLQuantizationType[kind])
         elif kind in ("F32", "F16"):
             writer.add_tensor(name, data.astype(np.float16 if kind == "F16" else np.float32))

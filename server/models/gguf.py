@@ -34,8 +34,10 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-# The tensor types this reader takes (enough for the Q4_K_M and Q5_K_M mixes).
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+# The tensor types this reader takes: enough for the Q4_K_M and Q5_K_M mixes, with the Q5_0,
+# Q5_1 and Q8_0 that llama-quantize falls back to for rows of no multiple of 256.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K",
+                   "Q6_K")
 _PLAIN_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16"}  # the rest compute in float32
 
@@ -65,8 +67,9 @@ _SPLIT_FILE = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 
 @dataclass(frozen=True)
 class Q8Blocks:
-    """A [rows, cols] weight as a GGUF file's blocks of 32 values, `blocks` [rows, bytes] uint8
-    of type `kind` (Q8_0, Q4_0, Q4_1), for the LinearMethod that computes with them."""
+    """A [rows, cols] weight as a GGUF file's quantized blocks, `blocks` [rows, bytes] uint8 of
+    type `kind` (one of pagedserve_kernels.cpu_quant.KINDS), for the LinearMethod that computes
+    with them."""
 
     blocks: torch.Tensor
     shape: tuple[int, int]
@@ -209,6 +212,7 @@ class GGUFModel:
         from gguf.quants import dequantize
 
         dequantized: Counter[str] = Counter()
+        requantized = 0
         for name, t in self._tensors.items():
             hf_name = self._hf_name(name)
             kind = t.tensor_type.name
@@ -216,6 +220,7 @@ class GGUFModel:
                 blocks = self._unpermute(name, torch.from_numpy(np.array(t.data)))
                 shape = _shape(t)
                 yield hf_name, Q8Blocks(blocks, (shape[0], shape[1]), kind)
+                requantized += kind == "Q6_K"
                 continue
             if kind in _PLAIN_TYPES:
                 data = np.array(t.data)  # a copy: the memory map stays read-only
@@ -228,6 +233,9 @@ class GGUFModel:
         for kind, count in sorted(dequantized.items()):
             logger.warning("GGUF tensor type %s (%d tensors) has no kernel here yet: "
                            "dequantized to %s at load", kind, count, str(dtype).split(".")[-1])
+        if requantized:
+            logger.info("GGUF tensor type Q6_K (%d tensors): requantized to 8-bit blocks of 32 "
+                        "values (its scales cover 16)", requantized)
 
     def _hf_name(self, name: str) -> str:
         if name in _GLOBAL_NAMES:

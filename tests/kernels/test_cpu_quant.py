@@ -1,7 +1,7 @@
 """The 8-bit CPU GEMM (kernels/cpu_quant.py, csrc/gemm_q8_cpu.cpp) against its torch reference
 (kernels/reference.py `linear_q8_0`) and against plain F.linear, with VNNI where this CPU has
 it and with the plain-loop fallback built for any CPU; the Q8_0 blocks against the `gguf`
-package's own (de)quantizer."""
+package's own (de)quantizer, and the other GGUF block types against its dequantizer."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pagedserve_kernels import cpu_quant, native, reference
+from tests.gguf_factory import random_k_blocks
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,7 +68,7 @@ def test_blocks_match_the_gguf_package():
     # round-half-to-even here, half-away-from-zero there: ties of random floats are absent
     assert torch.equal(ours, theirs)
     np.testing.assert_array_equal(
-        cpu_quant.dequantize_q8_0(theirs).numpy(),
+        cpu_quant.dequantize("Q8_0", theirs).numpy(),
         gguf.quants.dequantize(theirs.numpy(), gguf.GGMLQuantizationType.Q8_0))
 
 
@@ -99,14 +100,15 @@ def test_the_plain_loop_fallback_gives_the_same_sums(tmp_path):
                                                               b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
-def test_4_bit_blocks_as_int8_equal_the_gguf_package_and_the_reference(kind):
-    """Q4_0 and Q4_1 held exactly as int8 values (with Q4_1's per-block offset)."""
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_4_and_5_bit_blocks_as_int8_equal_the_gguf_package_and_the_reference(kind):
+    """Q4_0, Q4_1, Q5_0 and Q5_1 held exactly as int8 values (with the _1 types' per-block
+    offset)."""
     qtype = gguf.GGMLQuantizationType[kind]
     w = (torch.randn(40, 96) * 0.1).numpy()
     raw = gguf.quants.quantize(w, qtype)
     scales, values, mins = cpu_quant.int8_blocks(kind, torch.from_numpy(raw))
-    assert (mins is None) == (kind == "Q4_0")
+    assert (mins is None) == kind.endswith("_0")
     np.testing.assert_array_equal(cpu_quant.dequantize_blocks(scales, values, mins).numpy(),
                                   gguf.quants.dequantize(raw, qtype))
     x, b = torch.randn(5, 96), torch.randn(40)
@@ -115,4 +117,35 @@ def test_4_bit_blocks_as_int8_equal_the_gguf_package_and_the_reference(kind):
                                rtol=1e-5, atol=1e-5)
     exact = torch.nn.functional.linear(x, torch.from_numpy(gguf.quants.dequantize(raw, qtype)),
                                        b)
+    assert (out - exact).abs().max() <= 0.02 * exact.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_blocks_as_int8_hold_the_gguf_packages_values(kind):
+    """Q4_K and Q5_K keep their values exactly, with scale and offset per 32 values rounded to
+    fp16; Q6_K is dequantized exactly and its 8-bit form is a Q8_0 requantization."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    raw = random_k_blocks((40, 512), kind, seed=3)
+    theirs = torch.from_numpy(gguf.quants.dequantize(raw, qtype)).reshape(40, 512)
+    blocks = torch.from_numpy(raw)
+    scales, values, mins = cpu_quant.int8_blocks(kind, blocks)
+    held = cpu_quant.dequantize_blocks(scales, values, mins)
+    peak = theirs.reshape(40, -1, 32).abs().amax(-1, keepdim=True)
+    error = (held - theirs).reshape(40, -1, 32).abs()
+    if kind == "Q6_K":
+        assert mins is None
+        torch.testing.assert_close(cpu_quant.dequantize(kind, blocks), theirs, rtol=0, atol=0)
+        requantized = cpu_quant.dequantize("Q8_0", cpu_quant.quantize_q8_0(theirs))
+        torch.testing.assert_close(held, requantized, rtol=0, atol=0)
+        assert (error <= peak / 127).all()  # a Q8_0 step (scales near fp16's subnormals)
+    else:
+        assert mins is not None and int(values.min()) >= 0
+        assert int(values.max()) <= (15 if kind == "Q4_K" else 31)
+        assert (error <= peak * 2.0 ** -9).all()  # fp16 scale and offset: far below a 4-bit step
+        torch.testing.assert_close(cpu_quant.dequantize(kind, blocks), held, rtol=0, atol=0)
+    x, b = torch.randn(5, 512), torch.randn(40)
+    out = cpu_quant.linear_q8_0(x, cpu_quant.pack_blocks(scales, values, mins), b, 40)
+    torch.testing.assert_close(out, reference.linear_q8_0(x, scales, values, b, mins),
+                               rtol=1e-5, atol=1e-5)
+    exact = torch.nn.functional.linear(x, theirs, b)
     assert (out - exact).abs().max() <= 0.02 * exact.abs().max() + 1e-3

@@ -17,6 +17,7 @@ from server import LLM, SamplingParams
 from server.engine.tokenizer import load_tokenizer
 from server.models.errors import ModelLoadError
 from server.models.gguf import find_gguf
+from server.models.layers.quantized_linear import Int8LinearMethod
 from server.models.loader import read_generation_defaults
 from server.models.registry import read_arch_config
 from tests.gguf_factory import hf_greedy_gguf, write_gguf
@@ -60,22 +61,24 @@ def test_an_f32_copy_gives_the_checkpoints_tokens(arch, tiny, tmp_path):
                                         ("llama-256", "Q4_K"), ("llama-256", "Q5_K"),
                                         ("llama-256", "Q6_K")])
 def test_each_tensor_type_gives_transformers_tokens_of_the_file(model, kind, tiny, tmp_path,
-                                                                caplog):
-    """The types dequantized at load (Q8_0, Q4_0 and Q4_1 stay blocks:
-    tests/models/test_quantized_linear.py).
+                                                                caplog, monkeypatch):
+    """Each type's values, dequantized at load (the 8-bit method told to keep no blocks; as
+    served, the quantized types stay blocks: tests/models/test_quantized_linear.py).
     Not on the qwen3 model: transformers' GGUF loading ignores its head_dim
     (`attention.key_length`), which its F32 copy above checks against the checkpoint."""
     path = write_gguf(tiny[model], tmp_path / f"{model}-{kind}.gguf", kind)
     prompts = random_prompts(seed=12, count=3, min_len=3, max_len=30)
     with caplog.at_level(logging.WARNING, logger="server.models.gguf"):
+        monkeypatch.setattr(Int8LinearMethod, "gguf_kinds", ())
         tokens = greedy(path, prompts, dtype="float32")
     assert tokens == [hf_greedy_gguf(path, p, NEW_TOKENS) for p in prompts]
     quantized = kind not in ("F16", "BF16")
     assert (f"GGUF tensor type {kind}" in caplog.text) == quantized, caplog.text
 
 
-def test_a_mix_of_types_like_q4_k_m(tiny, tmp_path):
-    """Q4_K_M keeps some tensors at Q6_K and the norms at F32."""
+def test_a_mix_of_types_like_q4_k_m(tiny, tmp_path, monkeypatch):
+    """Q4_K_M keeps some tensors at Q6_K and the norms at F32 (dequantized at load, as above)."""
+    monkeypatch.setattr(Int8LinearMethod, "gguf_kinds", ())
     types = {"blk.0.ffn_down.weight": "Q6_K", "blk.1.attn_v.weight": "Q6_K",
              "token_embd.weight": "Q8_0"}
     path = write_gguf(tiny["llama-256"], tmp_path / "mix.gguf", "Q4_K", types)
@@ -171,8 +174,8 @@ def test_unsupported_contents_are_named(tiny, tmp_path):
     path = write_gguf(tiny["qwen2"], tmp_path / "m.gguf", "Q8_0")
     cases = [
         (dict(arch="phi3"), "GGUF architecture 'phi3' is not supported"),
-        (dict(retype=("blk.0.ffn_up.weight", gguf.GGMLQuantizationType.Q5_0)),
-         "tensor blk.0.ffn_up.weight has type Q5_0, which is not supported"),
+        (dict(retype=("blk.0.ffn_up.weight", gguf.GGMLQuantizationType.MXFP4)),
+         "tensor blk.0.ffn_up.weight has type MXFP4, which is not supported"),
         (dict(extra_tensor="rope_freqs.weight"), "rope_freqs.weight"),
         (dict(extra_tensor="blk.0.attn_gate.weight"), "'blk.0.attn_gate.weight' is not one"),
         (dict(drop="blk.1.ffn_down.weight"), "lacks tensors: model.layers.1.mlp.down_proj"),

@@ -49,7 +49,9 @@ def torch_arithmetic(monkeypatch) -> None:
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("q8-models")
     return {"llama": make_tiny_model(root / "llama", "llama", rope_scaling=None),
-            "qwen2": make_tiny_model(root / "qwen2", "qwen2")}
+            "qwen2": make_tiny_model(root / "qwen2", "qwen2"),
+            "llama-256": make_tiny_model(root / "llama-256", "llama", rope_scaling=None,
+                                         hidden_size=256, intermediate_size=512)}
 
 
 def run(path, prompts, **kwargs):
@@ -75,7 +77,9 @@ def check_paths(path, prompts, monkeypatch, **kwargs):
 
 
 @pytest.mark.parametrize("arch,kind", [("llama", "Q8_0"), ("qwen2", "Q8_0"), ("qwen2", "Q4_0"),
-                                       ("llama", "Q4_1")])
+                                       ("llama", "Q4_1"), ("qwen2", "Q5_0"), ("llama", "Q5_1"),
+                                       ("llama-256", "Q4_K"),
+                                       ("llama-256", "Q5_K"), ("llama-256", "Q6_K")])
 def test_gguf_blocks_are_served_8_bit(arch, kind, models, tmp_path, monkeypatch):
     path = write_gguf(models[arch], tmp_path / f"{arch}.gguf", kind)
     prompts = random_prompts(seed=21, count=3, min_len=3, max_len=30)
@@ -117,6 +121,20 @@ def test_shards_of_block_types_merge_and_a_float_shard_keeps_a_float_layer(
     assert "some of its shards are float tensors" in caplog.text
     assert is_quantized(layers[1].self_attn.qkv_proj)
     assert sum(not is_quantized(m) for m in projections(llm)) == 1
+
+
+def test_a_q4_k_m_like_mix_is_served_8_bit(models, tmp_path, monkeypatch, caplog):
+    """Q4_K with some tensors at Q6_K (requantized, logged) and the embedding at Q8_0: every
+    projection and the tied head in blocks, Q4_K and Q6_K shards merged in one layer."""
+    types = {"blk.0.ffn_down.weight": "Q6_K", "blk.1.attn_v.weight": "Q6_K",
+             "token_embd.weight": "Q8_0"}
+    path = write_gguf(models["llama-256"], tmp_path / "mix.gguf", "Q4_K", types)
+    with caplog.at_level(logging.INFO, logger="server.models.gguf"):
+        llm = check_paths(path, random_prompts(seed=25, count=2, min_len=3, max_len=20),
+                          monkeypatch)
+    assert all(is_quantized(m) for m in projections(llm))
+    assert "Q6_K (2 tensors): requantized" in caplog.text
+    assert "no kernel here" not in caplog.text
 
 
 def test_the_gguf_format_needs_a_gguf_file(models):

@@ -1,6 +1,6 @@
 """The `quantization` config field -> its LinearMethod (server/config.py's QUANTIZATIONS):
 "none" the checkpoint's own dtype; "int8" every linear weight as 8-bit blocks, quantized at
-load; "gguf" a GGUF file's 8-bit blocks kept as they are (what a GGUF model gets with "none")."""
+load; "gguf" a GGUF file's quantized blocks kept as blocks (what a GGUF model gets with "none")."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
-"""8-bit linear weights: a LinearMethod whose layers keep GGUF's Q8_0 blocks (32 values along
-the input, one scale each) and compute with kernels.cpu_quant's GEMM, never with a dequantized
-copy of the matrix.
+"""8-bit linear weights: a LinearMethod whose layers keep blocks of 32 int8 values along the
+input (a scale and an offset each) and compute with kernels/cpu_quant.py's GEMM, never with a
+dequantized copy of the matrix.
 
-Two modes, one method. "gguf": the Q8_0, Q4_0 and Q4_1 blocks a GGUF file holds stay blocks
-(`Q8Blocks` from models/gguf.py), the 4-bit values held as int8, exactly; float tensors stay
-float. "int8": float tensors are quantized to the same
+Two modes, one method. "gguf": the blocks a GGUF file holds (`Q8Blocks` from models/gguf.py;
+Q8_0, Q4_0, Q4_1, Q4_K, Q5_K exactly, Q6_K requantized: cpu_quant.int8_blocks) stay blocks;
+float tensors stay float. "int8": float tensors are quantized to the same
 blocks at load as well (weight-only, one scale per 32 values). A layer is decided when its last
 shard arrives: its q, k and v (or gate and up) become one block matrix when every shard is
-blocks (of any of the three types: the tiles carry a scale and an offset per block); otherwise,
+blocks (of any of these types: the tiles carry a scale and an offset per block); otherwise,
 and where the kernel cannot run (no CPU, an input size that is no multiple of 32), the layer
 keeps a float weight in the model's dtype, dequantized where it must be.
 """
@@ -97,7 +97,7 @@ def kernel_runs(device: torch.device, in_features: int) -> bool:
 
 def linear_q8(x: torch.Tensor, q8: torch.Tensor, bias: torch.Tensor | None,
               out_features: int) -> torch.Tensor:
-    """F.linear from pack_q8_0's tiles, in x's dtype (the GEMM computes in fp32)."""
+    """F.linear from pack_blocks' tiles, in x's dtype (the GEMM computes in fp32)."""
     out = cpu_quant.linear_q8_0(x.to(torch.float32).contiguous(), q8,
                                 None if bias is None else bias.to(torch.float32), out_features)
     return out.to(x.dtype)
@@ -105,4 +105,4 @@ def linear_q8(x: torch.Tensor, q8: torch.Tensor, bias: torch.Tensor | None,
 
 def dequantize(blocks: Q8Blocks) -> torch.Tensor:
     """The fp32 weight a file's blocks hold."""
-    return cpu_quant.dequantize_blocks(*cpu_quant.int8_blocks(blocks.kind, blocks.blocks))
+    return cpu_quant.dequantize(blocks.kind, blocks.blocks)

@@ -13,6 +13,7 @@ layout; they are permuted back here.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections import Counter
@@ -259,6 +260,18 @@ class GGUFModel:
         rows = tensor.shape[0]
         return (tensor.reshape(heads, rows // heads // 2, 2, *tensor.shape[1:]).transpose(1, 2)
                 .reshape(tensor.shape).contiguous())
+
+
+def open_gguf(path: Path) -> GGUFModel:
+    """The file parsed once per version (start-up reads its config, its special ids and its
+    tensors in three places)."""
+    stat = path.stat()
+    return _open_version(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)  # each holds the file's memory map
+def _open_version(path: str, mtime_ns: int, size: int) -> GGUFModel:
+    return GGUFModel(Path(path))
 
 
 def _shape(t: Any) -> tuple[int, ...]:

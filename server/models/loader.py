@@ -17,7 +17,7 @@ from tqdm import tqdm
 from server.models.arch_config import ArchConfig
 from server.models.base import CausalLM, ModelOptions
 from server.models.errors import ModelLoadError
-from server.models.gguf import GGUFModel, find_gguf
+from server.models.gguf import find_gguf, open_gguf
 from server.models.registry import resolve_model_class
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,7 +43,7 @@ def read_generation_defaults(model_dir: Path) -> GenerationDefaults:
     file's from its tokenizer metadata."""
     gguf_file = find_gguf(model_dir)
     if gguf_file is not None:
-        eos, bos = GGUFModel(gguf_file).special_token_ids()
+        eos, bos = open_gguf(gguf_file).special_token_ids()
         return GenerationDefaults(eos_token_ids=eos, bos_token_id=bos)
     raw = json.loads((model_dir / "config.json").read_text())
     path = model_dir / "generation_config.json"
@@ -97,7 +97,7 @@ def load_model(model_dir: Path, arch: ArchConfig, options: ModelOptions,
     with torch.device(device):
         model = model_cls(arch, options)
     if gguf_file is not None:
-        gguf = GGUFModel(gguf_file)
+        gguf = open_gguf(gguf_file)
         keep = getattr(options.linear_method, "gguf_kinds", ())
         loaded = model.load_weights(tqdm(gguf.tensors(options.dtype, keep), total=gguf.num_tensors,
                                          desc="Loading weights", unit="tensor", leave=False))

@@ -7,7 +7,7 @@ from pathlib import Path
 from server.models.arch_config import ArchConfig, architecture_of, read_config_json
 from server.models.base import CausalLM
 from server.models.errors import ModelLoadError
-from server.models.gguf import GGUFModel, find_gguf
+from server.models.gguf import find_gguf, open_gguf
 from server.models.llama import LlamaForCausalLM
 from server.models.mistral import MistralForCausalLM
 from server.models.qwen2 import Qwen2ForCausalLM
@@ -39,5 +39,5 @@ def parse_arch_config(raw: dict) -> ArchConfig:
 def read_arch_config(model_dir: Path) -> ArchConfig:
     """The config of a model directory, or of a GGUF file (or the directory holding one)."""
     gguf_file = find_gguf(model_dir)
-    return parse_arch_config(GGUFModel(gguf_file).config() if gguf_file is not None
+    return parse_arch_config(open_gguf(gguf_file).config() if gguf_file is not None
                              else read_config_json(model_dir))

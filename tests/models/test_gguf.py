@@ -16,7 +16,7 @@ import pytest
 from server import LLM, SamplingParams
 from server.engine.tokenizer import load_tokenizer
 from server.models.errors import ModelLoadError
-from server.models.gguf import find_gguf
+from server.models.gguf import find_gguf, open_gguf
 from server.models.layers.quantized_linear import Int8LinearMethod
 from server.models.loader import read_generation_defaults
 from server.models.registry import read_arch_config
@@ -168,6 +168,15 @@ def _rewrite(source, out, arch=None, extra_tensor=None, drop=None, retype=None):
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def test_a_file_is_parsed_once_per_version(tiny, tmp_path):
+    """Start-up reads config, special ids and tensors: one parse (seconds for a real file)."""
+    path = write_gguf(tiny["llama"], tmp_path / "m.gguf", "Q8_0")
+    first = open_gguf(path)
+    assert open_gguf(path) is first
+    write_gguf(tiny["llama"], path, "Q4_0")  # rewritten: another size
+    assert open_gguf(path) is not first
 
 
 def test_unsupported_contents_are_named(tiny, tmp_path):

@@ -86,6 +86,7 @@ def test_gguf_blocks_are_served_8_bit(arch, kind, models, tmp_path, monkeypatch)
     llm = check_paths(path, prompts, monkeypatch)
     assert llm.engine.config.model.quantization == "gguf"
     assert all(is_quantized(m) for m in projections(llm))  # q/k/v, o, gate/up, down, the head
+    assert llm.engine.runner.model.model.embed_tokens.q8_blocks is None  # tiles, or unused
 
 
 def test_a_tied_head_takes_the_embeddings_blocks(models, tmp_path, monkeypatch):

@@ -24,14 +24,15 @@ class VocabEmbedding(nn.Module):
         super().__init__()
         self.weight = set_weight_loader(nn.Parameter(
             torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False), self._load)
+        self.keeps_blocks = False  # set by a tied head, the only user of the blocks
         self.q8_blocks: Q8Blocks | None = None  # a GGUF file's block rows, for a tied head
 
     def _load(self, param: nn.Parameter, tensor: torch.Tensor | Q8Blocks, shard_id=None) -> None:
-        """The lookup takes float rows; a table of blocks is dequantized for it and the blocks
-        kept for the tied head's 8-bit GEMM."""
+        """The lookup takes float rows; a table of blocks is dequantized for it and, under a
+        tied head, the blocks kept for its 8-bit GEMM."""
         if isinstance(tensor, Q8Blocks):
             check_shape(tensor.shape, param.shape)
-            self.q8_blocks = tensor
+            self.q8_blocks = tensor if self.keeps_blocks else None
             tensor = dequantize(tensor)
         default_weight_loader(param, tensor)
 
@@ -47,6 +48,8 @@ class LMHead(nn.Module):
         super().__init__()
         # A tuple, so the tied embedding is not registered twice as a submodule.
         self._tied: tuple[VocabEmbedding, ...] = (tied_to,) if tied_to is not None else ()
+        if tied_to is not None:
+            tied_to.keeps_blocks = True
         self.proj = (None if tied_to is not None
                      else Linear(hidden_size, vocab_size, bias=False, method=method, dtype=dtype))
         self.method = method
@@ -59,7 +62,7 @@ class LMHead(nn.Module):
         if not self._tied:
             return 0
         weight = self._tied[0].weight
-        blocks = self._tied[0].q8_blocks
+        blocks, self._tied[0].q8_blocks = self._tied[0].q8_blocks, None  # tiles or float now
         if isinstance(self.method, Int8LinearMethod) and kernel_runs(weight.device,
                                                                     weight.shape[1]):
             if blocks is None and self.method.quantize_floats:
@@ -68,7 +71,6 @@ class LMHead(nn.Module):
             if blocks is not None:
                 self.q8 = cpu_quant.pack_blocks(*cpu_quant.int8_blocks(blocks.kind,
                                                                        blocks.blocks))
-                self._tied[0].q8_blocks = None  # the tiles hold them now
                 return 0
         self.packed = packed_weight(weight, policy=policy)
         return int(self.packed is not None)

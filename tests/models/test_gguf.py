@@ -179,6 +179,21 @@ def test_a_file_is_parsed_once_per_version(tiny, tmp_path):
     assert open_gguf(path) is not first
 
 
+def test_a_files_tokenizer_is_converted_once_and_each_caller_gets_its_own(tiny, tmp_path,
+                                                                           monkeypatch):
+    from transformers import AutoTokenizer
+
+    path = write_gguf(tiny["qwen2"], tmp_path / "t.gguf", "F32")
+    calls = []
+    convert = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: calls.append(k.get("gguf_file")) or convert(*a, **k))
+    first, second = load_tokenizer(path), load_tokenizer(tmp_path)
+    assert calls == ["t.gguf"] and first is not second
+    assert first._tokenizer is not second._tokenizer  # the Rust tokenizer too: no sharing
+    assert first("a b c").input_ids == second("a b c").input_ids
+
+
 def test_unsupported_contents_are_named(tiny, tmp_path):
     path = write_gguf(tiny["qwen2"], tmp_path / "m.gguf", "Q8_0")
     cases = [

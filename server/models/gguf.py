@@ -236,7 +236,7 @@ class GGUFModel:
                            "dequantized to %s at load", kind, count, str(dtype).split(".")[-1])
         if requantized:
             logger.info("GGUF tensor type Q6_K (%d tensors): requantized to 8-bit blocks of 32 "
-                        "values (its scales cover 16)", requantized)
+                        "values where the 8-bit GEMM runs (its scales cover 16)", requantized)
 
     def _hf_name(self, name: str) -> str:
         if name in _GLOBAL_NAMES:

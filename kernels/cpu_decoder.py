@@ -49,7 +49,8 @@ class LayerTensors:
     value_cache: torch.Tensor
     # bf16: qkv, o, gate_up, down run on AMX tiles from this many rows (cpu_linear.linear)
     amx_min_rows: tuple[int, int, int, int] = (1, 1, 1, 1)
-    # fp32: which of qkv, o, gate_up, down are kernels/cpu_quant.py pack_blocks tiles (uint8)
+    # fp32: which of qkv, o, gate_up, down are kernels/cpu_quant.py pack_blocks tiles (uint8,
+    # 8- or 4-bit)
     q8: tuple[bool, bool, bool, bool] = (False, False, False, False)
 
 
@@ -117,15 +118,16 @@ class DecoderTensors:
             assert dtype == torch.float32 or not any(layer.q8), "8-bit projections: fp32 only"
             amx = len(TENSOR_COLUMNS)
             table[i, amx:amx + 4] = torch.tensor(layer.amx_min_rows)
-            table[i, amx + 4:] = torch.tensor([int(q) for q in layer.q8])
             for j, name in enumerate(TENSOR_COLUMNS):
                 t = getattr(layer, name)
                 if t is None:
                     continue
                 if name in PROJECTIONS and layer.q8[PROJECTIONS.index(name)]:
-                    shape = cpu_quant.packed_shape(*q8_shapes[name])
+                    four = cpu_quant.is_four_bit(t)
+                    shape = cpu_quant.packed_shape(*q8_shapes[name], four)
                     assert t.dtype == torch.uint8 and t.device.type == "cpu", name
                     assert t.is_contiguous() and tuple(t.shape) == shape, (name, t.shape, shape)
+                    table[i, amx + 4 + PROJECTIONS.index(name)] = 2 if four else 1
                 elif name in ("key_cache", "value_cache"):
                     assert t.shape == self.cache_shape and t.stride() == self.cache_stride, name
                     assert t.dtype == dtype and t.device.type == "cpu", name

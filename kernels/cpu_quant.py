@@ -21,12 +21,13 @@ from pagedserve_kernels import native
 from pagedserve_kernels.native import I32, I64, PTR
 
 _NAME = "gemm_q8_cpu"
-_SIGNATURES = {"pagedserve_gemm_q8_0_f32": ([PTR, I64, PTR, PTR, PTR, I64, I64, I32, I32, I32],
-                                            None),
+_SIGNATURES = {"pagedserve_gemm_q8_0_f32": ([PTR, I64, PTR, PTR, PTR, I64, I64, I32, I32, I32,
+                                             I32], None),
                "pagedserve_gemm_q8_0_vnni": ([], ctypes.c_int)}
 BLOCK = 32  # values per scale
 BLOCK_BYTES = 34  # a Q8_0 block: fp16 scale, 32 int8 values
 _TILE_BYTES = 608  # a packed tile: 16 columns x one block (csrc/gemm_q8_cpu.cpp)
+TILE_BYTES_4 = 352  # the same with 4-bit values, two a byte
 # the GGUF block types int8_blocks takes
 KINDS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 _K_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # a k-quant super-block of 256 values
@@ -74,7 +75,8 @@ def _split_4_5_bit(blocks: torch.Tensor, kind: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Q4_0/Q5_0 (fp16 d) or Q4_1/Q5_1 (fp16 d, fp16 m), then for Q5 4 bytes of fifth bits
     (bit i of the little-endian word for value i), then 16 bytes: byte i holds value i in its
-    low and value i + 16 in its high nibble. The _0 types centre q (- 8, - 16)."""
+    low and value i + 16 in its high nibble. The _0 types centre q (- 8, - 16): held as the
+    offset -8 d (-16 d), so that every 4-bit type's values are 0..15."""
     out_features = blocks.shape[0]
     with_offset, five = kind.endswith("_1"), kind.startswith("Q5")
     head = (4 if with_offset else 2) + (4 if five else 0)
@@ -87,8 +89,8 @@ def _split_4_5_bit(blocks: torch.Tensor, kind: str
         qh = raw[..., head - 4:head].to(torch.int16)  # 4 bytes: values 8b .. 8b + 7 in byte b
         bits = (qh.unsqueeze(-1) >> torch.arange(8, dtype=torch.int16)) & 1
         q = q + (bits.reshape(*q.shape) << 4)
-    if not with_offset:
-        q = q - (16 if five else 8)
+    if not with_offset:  # d (q - c) = d q + (-c d): exact in fp16
+        mins = scales * -(16 if five else 8)
     return scales, q.to(torch.int8).reshape(out_features, -1), mins
 
 
@@ -182,16 +184,25 @@ def pack_q8_0(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def pack_blocks(scales: torch.Tensor, values: torch.Tensor,
-                mins: torch.Tensor | None = None) -> torch.Tensor:
-    """(scales, values, offsets) -> the kernel's tiles [ceil(out / 16), in / 32, 608] uint8
-    (columns past `out` zero)."""
+                mins: torch.Tensor | None = None, four: bool | None = None) -> torch.Tensor:
+    """(scales, values, offsets) -> the kernel's tiles [ceil(out / 16), in / 32, 608] uint8,
+    or 4-bit tiles [..., 352] (`four`; None: where every value is in 0..15); columns past `out`
+    zero."""
     out_features, in_features = values.shape
     nb, kb = -(-out_features // 16), in_features // BLOCK
+    fits = bool(values.numel()) and int(values.min()) >= 0 and int(values.max()) <= 15
+    assert fits or not four, "4-bit tiles take values 0..15"
+    four = fits if four is None else four
     padded_v = values.new_zeros(nb * 16, in_features)
     padded_v[:out_features] = values
     padded_s = scales.new_zeros(nb * 16, kb)
     padded_s[:out_features] = scales
-    v = padded_v.view(nb, 16, kb, 8, 4).permute(0, 2, 3, 1, 4).reshape(nb, kb, 512)
+    v = padded_v.view(nb, 16, kb, 8, 4).permute(0, 2, 3, 1, 4)
+    if four:  # groups j and j + 4 share a byte: j low, j + 4 high
+        u = v.to(torch.uint8)
+        v = (u[:, :, :4] | (u[:, :, 4:] << 4)).reshape(nb, kb, 256)
+    else:
+        v = v.reshape(nb, kb, 512)
     s = padded_s.view(nb, 16, kb).transpose(1, 2).contiguous()
     sums = padded_v.view(nb, 16, kb, BLOCK).to(torch.int16).sum(-1, dtype=torch.int16)
     sums = sums.transpose(1, 2).contiguous()
@@ -203,8 +214,14 @@ def pack_blocks(scales: torch.Tensor, values: torch.Tensor,
                       m.view(torch.uint8)], dim=-1).contiguous()
 
 
-def packed_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
-    return (-(-out_features // 16), in_features // BLOCK, _TILE_BYTES)
+def packed_shape(out_features: int, in_features: int, four: bool = False
+                 ) -> tuple[int, int, int]:
+    return (-(-out_features // 16), in_features // BLOCK, TILE_BYTES_4 if four else _TILE_BYTES)
+
+
+def is_four_bit(packed: torch.Tensor) -> bool:
+    """Whether pack_blocks made 4-bit tiles."""
+    return packed.shape[-1] == TILE_BYTES_4
 
 
 def linear_q8_0(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
@@ -215,12 +232,13 @@ def linear_q8_0(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     rows, in_features = x.shape
     assert x.dtype == torch.float32 and x.stride(1) == 1 and packed.is_contiguous()
     assert packed.dtype == torch.uint8
-    assert packed.shape == packed_shape(out_features, in_features), packed.shape
+    four = is_four_bit(packed)
+    assert packed.shape == packed_shape(out_features, in_features, four), packed.shape
     assert bias is None or (bias.is_contiguous() and bias.shape == (out_features,)
                             and bias.dtype == torch.float32)
     out = x.new_empty((rows, out_features))
     lib.pagedserve_gemm_q8_0_f32(x.data_ptr(), x.stride(0), packed.data_ptr(),
                                  None if bias is None else bias.data_ptr(), out.data_ptr(),
-                                 out.stride(0), rows, out_features, in_features,
+                                 out.stride(0), rows, out_features, in_features, int(four),
                                  torch.get_num_threads())
     return out

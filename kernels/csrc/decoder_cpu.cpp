@@ -28,8 +28,8 @@
 namespace {
 
 // Columns of the per-layer table (kernels/cpu_decoder.py LAYER_COLUMNS): pointers (0: absent),
-// then each projection's amx_min_rows (gemm_bf16.h), then whether each projection is 8-bit
-// tiles (gemm_q8.h; fp32 steps only).
+// then each projection's amx_min_rows (gemm_bf16.h), then each projection's tiles of
+// gemm_q8.h (0: float, 1: 8-bit, 2: 4-bit; fp32 steps only).
 enum Column {
   kInputNorm, kQkv, kQkvBias, kQNorm, kKNorm, kO, kOBias, kPostNorm, kGateUp, kGateUpBias,
   kDown, kDownBias, kKeyCache, kValueCache, kQkvAmx, kOAmx, kGateUpAmx, kDownAmx, kQkvQ8,
@@ -72,7 +72,7 @@ inline void gemm(const float* x, int64_t ldx, const float* packed, const float* 
     pagedserve::q8::quantize_rows_for(x, ldx, rows, k, scratch.values, scratch.scales);
     pagedserve::q8::gemm_for(scratch.values, scratch.scales,
                              reinterpret_cast<const uint8_t*>(packed), bias, out, ldo, rows, n,
-                             k);
+                             k, q8 == 2);
     return;
   }
   pagedserve::gemm_packed_for(x, ldx, packed, bias, out, ldo, rows, n, k);

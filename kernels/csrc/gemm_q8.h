@@ -20,6 +20,7 @@ namespace q8 {
 
 constexpr int kBlock = 32;                   // values per scale
 constexpr int kTileBytes = 512 + 32 + 32 + 32;  // values, fp16 scales, int16 sums, fp16 mins
+constexpr int kTileBytes4 = 256 + 32 + 32 + 32;  // the same with 4-bit values, two a byte
 constexpr int kRows = 4;                     // rows per pass
 
 inline float half_to_float(uint16_t h) {
@@ -70,16 +71,25 @@ inline void quantize_row(const float* x, int k, uint8_t* q, float* scales) {
 }
 
 struct Tile {
-  const int8_t* values;    // [8][16][4]
+  const int8_t* values;    // [8][16][4]; 4-bit tiles [4][16][4], group j + 4 in the high nibbles
   const uint16_t* scales;  // [16] fp16
   const int16_t* sums;     // [16]
   const uint16_t* mins;    // [16] fp16: the block's offset (Q4_1), 0 for the others
 };
 
-inline Tile tile_at(const uint8_t* packed, int blocks_k, int nb, int b) {
-  const uint8_t* t = packed + (static_cast<int64_t>(nb) * blocks_k + b) * kTileBytes;
-  return {reinterpret_cast<const int8_t*>(t), reinterpret_cast<const uint16_t*>(t + 512),
-          reinterpret_cast<const int16_t*>(t + 544), reinterpret_cast<const uint16_t*>(t + 576)};
+inline Tile tile_at(const uint8_t* packed, int blocks_k, int nb, int b, bool four) {
+  const int values = four ? 256 : 512;
+  const uint8_t* t = packed + (static_cast<int64_t>(nb) * blocks_k + b) * (values + 96);
+  return {reinterpret_cast<const int8_t*>(t), reinterpret_cast<const uint16_t*>(t + values),
+          reinterpret_cast<const int16_t*>(t + values + 32),
+          reinterpret_cast<const uint16_t*>(t + values + 64)};
+}
+
+// Value i of group j (k = 4 j + i) of column col in a tile's values.
+inline int32_t tile_value(const Tile& t, bool four, int j, int col, int i) {
+  if (!four) return t.values[j * 64 + col * 4 + i];
+  const uint8_t byte = static_cast<uint8_t>(t.values[(j & 3) * 64 + col * 4 + i]);
+  return j < 4 ? (byte & 0xF) : (byte >> 4);
 }
 
 inline void store_cols(float* out, const float* sums, const float* bias, int col, int n) {
@@ -89,8 +99,8 @@ inline void store_cols(float* out, const float* sums, const float* bias, int col
 
 #if defined(PAGEDSERVE_Q8_VNNI)
 
-// ROWS rows x up to 2 column blocks (nb, nb + 1 when `two`).
-template <int ROWS>
+// ROWS rows x up to 2 column blocks (nb, nb + 1 when `two`); FOUR: 4-bit tiles.
+template <int ROWS, bool FOUR>
 inline void pass(const uint8_t* xq, int64_t ldq, const float* xs, int64_t lds, const uint8_t* packed,
           int k, int nb, bool two, const float* bias, float* out, int64_t ldo, int n) {
   const int blocks_k = k / kBlock;
@@ -98,10 +108,31 @@ inline void pass(const uint8_t* xq, int64_t ldq, const float* xs, int64_t lds, c
   __m512 acc[ROWS][2];
   for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int b = 0; b < blocks_k; ++b) {
-    Tile t[2] = {tile_at(packed, blocks_k, nb, b), tile_at(packed, blocks_k, nb + (two ? 1 : 0), b)};
+    Tile t[2] = {tile_at(packed, blocks_k, nb, b, FOUR),
+                 tile_at(packed, blocks_k, nb + (two ? 1 : 0), b, FOUR)};
     __m512i dot[ROWS][2];
     for (int r = 0; r < ROWS; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_si512();
-    for (int j = 0; j < 8; ++j) {
+    if constexpr (FOUR) {
+      const __m512i mask = _mm512_set1_epi8(0x0F);
+      for (int j = 0; j < 4; ++j) {
+        const __m512i v0 = _mm512_loadu_si512(t[0].values + j * 64);
+        const __m512i v1 = _mm512_loadu_si512(t[1].values + j * 64);
+        const __m512i lo0 = _mm512_and_si512(v0, mask);
+        const __m512i hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), mask);
+        const __m512i lo1 = _mm512_and_si512(v1, mask);
+        const __m512i hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), mask);
+        for (int r = 0; r < ROWS; ++r) {
+          int32_t four_lo, four_hi;
+          std::memcpy(&four_lo, xq + r * ldq + b * kBlock + 4 * j, sizeof four_lo);
+          std::memcpy(&four_hi, xq + r * ldq + b * kBlock + 16 + 4 * j, sizeof four_hi);
+          const __m512i xlo = _mm512_set1_epi32(four_lo), xhi = _mm512_set1_epi32(four_hi);
+          dot[r][0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[r][0], xlo, lo0), xhi, hi0);
+          if (two)
+            dot[r][1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[r][1], xlo, lo1), xhi, hi1);
+        }
+      }
+    }
+    for (int j = 0; j < (FOUR ? 0 : 8); ++j) {
       const __m512i w0 = _mm512_loadu_si512(t[0].values + j * 64);
       const __m512i w1 = _mm512_loadu_si512(t[1].values + j * 64);
       for (int r = 0; r < ROWS; ++r) {
@@ -136,34 +167,44 @@ inline void pass(const uint8_t* xq, int64_t ldq, const float* xs, int64_t lds, c
     }
 }
 
+template <bool FOUR>
+inline void rows_pass_of(int rows, const uint8_t* xq, int64_t ldq, const float* xs,
+                         int64_t lds, const uint8_t* packed, int k, int nb, bool two,
+                         const float* bias, float* out, int64_t ldo, int n) {
+  switch (rows) {
+    case 1: pass<1, FOUR>(xq, ldq, xs, lds, packed, k, nb, two, bias, out, ldo, n); break;
+    case 2: pass<2, FOUR>(xq, ldq, xs, lds, packed, k, nb, two, bias, out, ldo, n); break;
+    case 3: pass<3, FOUR>(xq, ldq, xs, lds, packed, k, nb, two, bias, out, ldo, n); break;
+    default: pass<4, FOUR>(xq, ldq, xs, lds, packed, k, nb, two, bias, out, ldo, n);
+  }
+}
+
 inline void rows_pass(int rows, const uint8_t* xq, int64_t ldq, const float* xs, int64_t lds,
                const uint8_t* packed, int k, int nb, bool two, const float* bias, float* out,
-               int64_t ldo, int n) {
-  switch (rows) {
-    case 1: pass<1>(xq, ldq, xs, lds, packed, k, nb, two, bias, out, ldo, n); break;
-    case 2: pass<2>(xq, ldq, xs, lds, packed, k, nb, two, bias, out, ldo, n); break;
-    case 3: pass<3>(xq, ldq, xs, lds, packed, k, nb, two, bias, out, ldo, n); break;
-    default: pass<4>(xq, ldq, xs, lds, packed, k, nb, two, bias, out, ldo, n);
-  }
+               int64_t ldo, int n, bool four) {
+  if (four)
+    rows_pass_of<true>(rows, xq, ldq, xs, lds, packed, k, nb, two, bias, out, ldo, n);
+  else
+    rows_pass_of<false>(rows, xq, ldq, xs, lds, packed, k, nb, two, bias, out, ldo, n);
 }
 
 #else  // the fallback: the same sums in plain loops
 
 inline void rows_pass(int rows, const uint8_t* xq, int64_t ldq, const float* xs, int64_t lds,
                const uint8_t* packed, int k, int nb, bool two, const float* bias, float* out,
-               int64_t ldo, int n) {
+               int64_t ldo, int n, bool four) {
   const int blocks_k = k / kBlock;
   for (int c = 0; c < (two ? 2 : 1); ++c) {
     for (int r = 0; r < rows; ++r) {
       float acc[16] = {};
       for (int b = 0; b < blocks_k; ++b) {
-        const Tile t = tile_at(packed, blocks_k, nb + c, b);
+        const Tile t = tile_at(packed, blocks_k, nb + c, b, four);
         int32_t dot[16] = {};
         for (int j = 0; j < 8; ++j)
           for (int col = 0; col < 16; ++col)
             for (int i = 0; i < 4; ++i)
               dot[col] += static_cast<int32_t>(xq[r * ldq + b * kBlock + 4 * j + i]) *
-                          t.values[j * 64 + col * 4 + i];
+                          tile_value(t, four, j, col, i);
         for (int col = 0; col < 16; ++col) {
           acc[col] += static_cast<float>(dot[col] - 128 * t.sums[col]) *
                       (half_to_float(t.scales[col]) * xs[r * lds + 2 * b]);
@@ -186,10 +227,11 @@ inline void quantize_rows_for(const float* x, int64_t ldx, int64_t rows, int k, 
     quantize_row(x + m * ldx, k, xq + m * k, xs + m * (2 * k / kBlock));
 }
 
-// out[rows, n] (+ bias) from quantize_rows_for's xq, xs: threads take contiguous runs of
-// column-block pairs, all rows for each.
+// out[rows, n] (+ bias) from quantize_rows_for's xq, xs and 8-bit (or, `four`, 4-bit) tiles:
+// threads take contiguous runs of column-block pairs, all rows for each.
 inline void gemm_for(const uint8_t* xq, const float* xs, const uint8_t* packed,
-                     const float* bias, float* out, int64_t ldo, int64_t rows, int n, int k) {
+                     const float* bias, float* out, int64_t ldo, int64_t rows, int n, int k,
+                     bool four) {
   const int blocks_k = k / kBlock;
   const int n_blocks = (n + 15) / 16;
   const int pairs = (n_blocks + 1) / 2;
@@ -202,7 +244,7 @@ inline void gemm_for(const uint8_t* xq, const float* xs, const uint8_t* packed,
     for (int64_t m0 = 0; m0 < rows; m0 += kRows) {
       const int r = rows - m0 < kRows ? static_cast<int>(rows - m0) : kRows;
       rows_pass(r, xq + m0 * k, k, xs + m0 * 2 * blocks_k, 2 * blocks_k, packed, k, nb, two,
-                bias, out + m0 * ldo, ldo, n);
+                bias, out + m0 * ldo, ldo, n, four);
     }
   }
 #pragma omp barrier

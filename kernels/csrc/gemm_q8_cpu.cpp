@@ -9,7 +9,10 @@
 // Packed layout (`cpu_quant.pack_blocks`): [ceil(N / 16)][K / 32] tiles of 608 bytes, each
 // 16 output columns x one block: the int8 values as [8][16][4] (for each group of 4 k, the 16
 // columns' 4 values side by side: one 64-byte vector), then the 16 columns' scales (fp16), the
-// 16 columns' sums of their 32 values (int16), and their offsets (fp16).
+// 16 columns' sums of their 32 values (int16), and their offsets (fp16). 4-bit tiles (`four`,
+// every value in 0..15: GGUF's 4-bit types) are 352 bytes: groups j and j + 4 share a vector,
+// j in the low and j + 4 in the high nibbles ([4][16][4]), unpacked in registers with a mask
+// and a shift; then the same scales, sums and offsets.
 //
 // With AVX512-VNNI, `vpdpbusd` multiplies 64 unsigned by 64 signed bytes into 16 int32 sums:
 // the activations go in as q + 128 (unsigned), and 128 x the column's value sum comes off
@@ -27,13 +30,14 @@ extern "C" {
 
 void pagedserve_gemm_q8_0_f32(const float* x, int64_t ldx, const uint8_t* packed,
                               const float* bias, float* out, int64_t ldo, int64_t rows, int n,
-                              int k, int num_threads) {
+                              int k, int four, int num_threads) {
   std::vector<uint8_t> xq(static_cast<size_t>(rows) * k);
   std::vector<float> xs(static_cast<size_t>(rows) * 2 * (k / pagedserve::q8::kBlock));
 #pragma omp parallel num_threads(num_threads)
   {
     pagedserve::q8::quantize_rows_for(x, ldx, rows, k, xq.data(), xs.data());
-    pagedserve::q8::gemm_for(xq.data(), xs.data(), packed, bias, out, ldo, rows, n, k);
+    pagedserve::q8::gemm_for(xq.data(), xs.data(), packed, bias, out, ldo, rows, n, k,
+                             four != 0);
   }
 }
 

@@ -89,15 +89,19 @@ def test_the_plain_loop_fallback_gives_the_same_sums(tmp_path):
     for name, (args, restype) in cpu_quant._SIGNATURES.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = args, restype
     assert lib.pagedserve_gemm_q8_0_vnni() == 0
-    for rows, k, n in [(3, 64, 40), (5, 576, 33)]:
+    for (rows, k, n), kind in zip([(3, 64, 40), (5, 576, 33), (4, 96, 17)],
+                                  ["Q8_0", "Q8_0", "Q4_1"]):
         w, x, b = _case(rows, k, n, seed=n)
-        blocks = cpu_quant.quantize_q8_0(w)
-        packed = cpu_quant.pack_q8_0(blocks)
+        raw = torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[kind]))
+        form = cpu_quant.int8_blocks(kind, raw)
+        packed = cpu_quant.pack_blocks(*form)
+        assert cpu_quant.is_four_bit(packed) == (kind == "Q4_1")
         out = torch.empty(rows, n)
         lib.pagedserve_gemm_q8_0_f32(x.data_ptr(), x.stride(0), packed.data_ptr(), b.data_ptr(),
-                                     out.data_ptr(), out.stride(0), rows, n, k, 2)
-        torch.testing.assert_close(out, reference.linear_q8_0(x, *cpu_quant.split_q8_0(blocks),
-                                                              b), rtol=1e-5, atol=1e-5)
+                                     out.data_ptr(), out.stride(0), rows, n, k,
+                                     int(cpu_quant.is_four_bit(packed)), 2)
+        torch.testing.assert_close(out, reference.linear_q8_0(x, form[0], form[1], b, form[2]),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
@@ -108,11 +112,14 @@ def test_4_and_5_bit_blocks_as_int8_equal_the_gguf_package_and_the_reference(kin
     w = (torch.randn(40, 96) * 0.1).numpy()
     raw = gguf.quants.quantize(w, qtype)
     scales, values, mins = cpu_quant.int8_blocks(kind, torch.from_numpy(raw))
-    assert (mins is None) == kind.endswith("_0")
+    assert mins is not None  # the _0 types' centring too: -8 d, -16 d
+    assert int(values.min()) >= 0 and int(values.max()) <= (15 if kind[1] == "4" else 31)
     np.testing.assert_array_equal(cpu_quant.dequantize_blocks(scales, values, mins).numpy(),
                                   gguf.quants.dequantize(raw, qtype))
     x, b = torch.randn(5, 96), torch.randn(40)
-    out = cpu_quant.linear_q8_0(x, cpu_quant.pack_blocks(scales, values, mins), b, 40)
+    packed = cpu_quant.pack_blocks(scales, values, mins)
+    assert cpu_quant.is_four_bit(packed) == kind.startswith("Q4")  # nibbles in the tiles
+    out = cpu_quant.linear_q8_0(x, packed, b, 40)
     torch.testing.assert_close(out, reference.linear_q8_0(x, scales, values, b, mins),
                                rtol=1e-5, atol=1e-5)
     exact = torch.nn.functional.linear(x, torch.from_numpy(gguf.quants.dequantize(raw, qtype)),
@@ -144,7 +151,9 @@ def test_k_quant_blocks_as_int8_hold_the_gguf_packages_values(kind):
         assert (error <= peak * 2.0 ** -9).all()  # fp16 scale and offset: far below a 4-bit step
         torch.testing.assert_close(cpu_quant.dequantize(kind, blocks), held, rtol=0, atol=0)
     x, b = torch.randn(5, 512), torch.randn(40)
-    out = cpu_quant.linear_q8_0(x, cpu_quant.pack_blocks(scales, values, mins), b, 40)
+    packed = cpu_quant.pack_blocks(scales, values, mins)
+    assert cpu_quant.is_four_bit(packed) == (kind == "Q4_K")
+    out = cpu_quant.linear_q8_0(x, packed, b, 40)
     torch.testing.assert_close(out, reference.linear_q8_0(x, scales, values, b, mins),
                                rtol=1e-5, atol=1e-5)
     exact = torch.nn.functional.linear(x, theirs, b)

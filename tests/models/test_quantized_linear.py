@@ -26,12 +26,17 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
 def unpack(packed: torch.Tensor, out_features: int) -> tuple[torch.Tensor, ...]:
-    """pack_blocks's tiles -> (scales [out, in / 32], values [out, in], offsets)."""
+    """pack_blocks's tiles, 8- or 4-bit -> (scales [out, in / 32], values [out, in], offsets)."""
     nb, kb, _ = packed.shape
-    values = packed[..., :512].contiguous().view(torch.int8).view(nb, kb, 8, 16, 4)
+    width = 256 if cpu_quant.is_four_bit(packed) else 512
+    if width == 256:  # groups j (low nibbles) and j + 4 (high) share a byte
+        nibbles = packed[..., :256].reshape(nb, kb, 4, 16, 4)
+        values = torch.cat([nibbles & 0xF, nibbles >> 4], dim=2).view(torch.int8)
+    else:
+        values = packed[..., :512].contiguous().view(torch.int8).view(nb, kb, 8, 16, 4)
     values = values.permute(0, 3, 1, 2, 4).reshape(nb * 16, kb * 32)
-    scales = packed[..., 512:544].contiguous().view(torch.float16).permute(0, 2, 1)
-    mins = packed[..., 576:608].contiguous().view(torch.float16).permute(0, 2, 1)
+    scales = packed[..., width:width + 32].contiguous().view(torch.float16).permute(0, 2, 1)
+    mins = packed[..., width + 64:width + 96].contiguous().view(torch.float16).permute(0, 2, 1)
     return (scales.reshape(nb * 16, kb)[:out_features], values[:out_features],
             mins.reshape(nb * 16, kb)[:out_features])
 
@@ -87,6 +92,8 @@ def test_gguf_blocks_are_served_8_bit(arch, kind, models, tmp_path, monkeypatch)
     assert llm.engine.config.model.quantization == "gguf"
     assert all(is_quantized(m) for m in projections(llm))  # q/k/v, o, gate/up, down, the head
     assert llm.engine.runner.model.model.embed_tokens.q8_blocks is None  # tiles, or unused
+    four_bit = kind in ("Q4_0", "Q4_1", "Q4_K")  # nibbles in the tiles
+    assert all(cpu_quant.is_four_bit(m.q8) == four_bit for m in projections(llm))
 
 
 def test_a_tied_head_takes_the_embeddings_blocks(models, tmp_path, monkeypatch):

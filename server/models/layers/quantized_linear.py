@@ -1,6 +1,6 @@
 """8-bit linear weights: a LinearMethod whose layers keep blocks of 32 int8 values along the
-input (a scale and an offset each) and compute with kernels/cpu_quant.py's GEMM, never with a
-dequantized copy of the matrix.
+input (a scale and an offset each; a layer of 4-bit values as nibbles) and compute with
+kernels/cpu_quant.py's GEMM, never with a dequantized copy of the matrix.
 
 Two modes, one method. "gguf": the blocks a GGUF file holds (`Q8Blocks` from models/gguf.py;
 Q8_0, Q4_0, Q4_1, Q4_K, Q5_K exactly, Q6_K requantized: cpu_quant.int8_blocks) stay blocks;

@@ -1,7 +1,8 @@
 """GEMMs with 8-bit weights on CPU through kernels/csrc/gemm_q8_cpu.cpp, from weights in blocks of
 32 values along the input, each value d * q + m (int8 q; fp16 scale d and offset m per block):
-GGUF's Q8_0 (m = 0), and its Q4_0, Q4_1, Q5_0 and Q5_1, whose 4- and 5-bit values are held as
-int8 (q - 8, q, q - 16, q), exactly. The k-quants Q4_K and Q5_K (super-blocks of 8 x 32 values
+GGUF's Q8_0 (m = 0), and its Q4_0, Q4_1, Q5_0 and Q5_1, whose 4- and 5-bit values are held
+exactly (q; the _0 types' centring as the offset m = -8 d, -16 d), as int8 or, where a layer's
+values all fit 4 bits, as nibbles. The k-quants Q4_K and Q5_K (super-blocks of 8 x 32 values
 with 6-bit scales and mins) take the same form with their values exact and d = d_super * scale,
 m = -dmin * min rounded to fp16 (a relative 2^-11: well under 1% of a 4-bit step); Q6_K, whose
 16-value sub-blocks each have a scale, is requantized to Q8_0 (lossy: docs/cpu-kernels.md).

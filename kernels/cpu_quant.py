@@ -73,7 +73,7 @@ def split_q8_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _split_4_5_bit(blocks: torch.Tensor, kind: str
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_0/Q5_0 (fp16 d) or Q4_1/Q5_1 (fp16 d, fp16 m), then for Q5 4 bytes of fifth bits
     (bit i of the little-endian word for value i), then 16 bytes: byte i holds value i in its
     low and value i + 16 in its high nibble. The _0 types centre q (- 8, - 16): held as the
@@ -83,15 +83,14 @@ def _split_4_5_bit(blocks: torch.Tensor, kind: str
     head = (4 if with_offset else 2) + (4 if five else 0)
     raw = blocks.reshape(out_features, -1, head + 16)
     scales = raw[..., :2].contiguous().view(torch.float16).squeeze(-1)
-    mins = raw[..., 2:4].contiguous().view(torch.float16).squeeze(-1) if with_offset else None
     qs = raw[..., head:].to(torch.int16)
     q = torch.cat([qs & 0xF, qs >> 4], dim=-1)
     if five:
         qh = raw[..., head - 4:head].to(torch.int16)  # 4 bytes: values 8b .. 8b + 7 in byte b
         bits = (qh.unsqueeze(-1) >> torch.arange(8, dtype=torch.int16)) & 1
         q = q + (bits.reshape(*q.shape) << 4)
-    if not with_offset:  # d (q - c) = d q + (-c d): exact in fp16
-        mins = scales * -(16 if five else 8)
+    mins = (raw[..., 2:4].contiguous().view(torch.float16).squeeze(-1) if with_offset
+            else scales * -(16 if five else 8))  # d (q - c) = d q + (-c d): exact in fp16
     return scales, q.to(torch.int8).reshape(out_features, -1), mins
 
 

@@ -40,7 +40,8 @@ class ModelConfig:
     # Decode-only steps of few sequences in one compiled CPU kernel call (fp32, where it builds).
     compiled_decode: bool = True
     # The linear layers' weight format (a LinearMethod): "none" the checkpoint's own dtype
-    # (a GGUF file's 8-bit blocks stay blocks: "gguf"), "int8" 8-bit blocks quantized at load.
+    # (a GGUF file's quantized blocks stay blocks: "gguf"), "int8" 8-bit blocks quantized at
+    # load.
     quantization: str = "none"
     # Which CPU GEMM runs each row count: "auto" measures them on this machine; a kind forces it.
     cpu_gemm: str = "auto"

@@ -9,7 +9,7 @@ import functools
 from pathlib import Path
 
 from server.models.errors import ModelLoadError
-from server.models.gguf import find_gguf
+from server.models.gguf import file_version, find_gguf
 
 
 def load_tokenizer(model_dir: Path):
@@ -19,9 +19,7 @@ def load_tokenizer(model_dir: Path):
     gguf_file = find_gguf(model_dir)
     try:
         if gguf_file is not None:
-            stat = gguf_file.stat()
-            return copy.deepcopy(_converted(str(gguf_file.resolve()), stat.st_mtime_ns,
-                                            stat.st_size))
+            return copy.deepcopy(_converted(*file_version(gguf_file)))
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:  # transformers raises many kinds here
         raise ModelLoadError(f"cannot load the tokenizer from {model_dir}: {e}") from None

@@ -4,9 +4,9 @@ Hugging Face's tensor names, so a GGUF model loads through the same `load_weight
 safetensors checkpoint. The tokenizer comes from the file too (engine/tokenizer.py, through
 transformers' GGUF tokenizer conversion).
 
-The linear layers' Q8_0, Q4_0 and Q4_1 tensors stay blocks for the LinearMethod that takes them
-(models/layers/quantized_linear.py); quantized tensor types with no kernel here are
-dequantized at load into the model's dtype, one tensor at a time, with one warning per type.
+The linear layers' quantized tensors stay blocks for the LinearMethod that takes them
+(`gguf_kinds`, models/layers/quantized_linear.py); other quantized tensors are dequantized at
+load into the model's dtype, one tensor at a time, with one warning per type.
 llama.cpp's converter permutes the rows of a `llama` model's q and k projections for its rotary
 layout; they are permuted back here.
 """
@@ -262,11 +262,16 @@ class GGUFModel:
                 .reshape(tensor.shape).contiguous())
 
 
+def file_version(path: Path) -> tuple[str, int, int]:
+    """A key that changes when the file is rewritten: for caches of what is read from it."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
 def open_gguf(path: Path) -> GGUFModel:
     """The file parsed once per version (start-up reads its config, its special ids and its
     tensors in three places)."""
-    stat = path.stat()
-    return _open_version(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    return _open_version(*file_version(path))
 
 
 @functools.lru_cache(maxsize=2)  # each holds the file's memory map

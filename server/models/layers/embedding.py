@@ -13,6 +13,7 @@ from server.models.layers.packed_gemm import GemmPolicy, PackedWeight, linear, p
 from server.models.layers.quantized_linear import (
     Int8LinearMethod,
     dequantize,
+    int8_form,
     kernel_runs,
     linear_q8,
 )
@@ -57,20 +58,18 @@ class LMHead(nn.Module):
         self.q8: torch.Tensor | None = None  # the tied head's 8-bit tiles
 
     def pack_tied(self, policy: GemmPolicy) -> int:
-        """The tied head is no Linear: pack the embedding matrix for it, as 8-bit tiles where
-        the method is 8-bit and the embedding came as Q8_0 blocks (or "int8" quantizes it)."""
+        """The tied head is no Linear: pack the embedding matrix for it, as 8-bit (or 4-bit)
+        tiles where the method is 8-bit and the embedding came as blocks (or "int8" quantizes
+        it)."""
         if not self._tied:
             return 0
         weight = self._tied[0].weight
         blocks, self._tied[0].q8_blocks = self._tied[0].q8_blocks, None  # tiles or float now
         if isinstance(self.method, Int8LinearMethod) and kernel_runs(weight.device,
                                                                     weight.shape[1]):
-            if blocks is None and self.method.quantize_floats:
-                blocks = Q8Blocks(cpu_quant.quantize_q8_0(weight),
-                                  (weight.shape[0], weight.shape[1]))
-            if blocks is not None:
-                self.q8 = cpu_quant.pack_blocks(*cpu_quant.int8_blocks(blocks.kind,
-                                                                       blocks.blocks))
+            if blocks is not None or self.method.quantize_floats:
+                self.q8 = cpu_quant.pack_blocks(*int8_form(blocks if blocks is not None
+                                                           else weight))
                 return 0
         self.packed = packed_weight(weight, policy=policy)
         return int(self.packed is not None)

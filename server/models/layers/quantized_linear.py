@@ -58,9 +58,7 @@ class Int8LinearMethod:
     def _assemble(self, layer: Linear, param: nn.Parameter, parts: list) -> None:
         runs = kernel_runs(param.device, layer.input_size)
         if runs and all(isinstance(p, Q8Blocks) or self.quantize_floats for p in parts):
-            forms = [cpu_quant.int8_blocks(p.kind, p.blocks) if isinstance(p, Q8Blocks)
-                     else cpu_quant.int8_blocks("Q8_0", cpu_quant.quantize_q8_0(p))
-                     for p in parts]
+            forms = [int8_form(p) for p in parts]
             scales, values = torch.cat([f[0] for f in forms]), torch.cat([f[1] for f in forms])
             mins = (None if all(f[2] is None for f in forms) else torch.cat(
                 [f[2] if f[2] is not None else torch.zeros_like(f[0]) for f in forms]))
@@ -82,6 +80,14 @@ class Int8LinearMethod:
         if layer.q8 is not None:
             return False
         return UnquantizedLinearMethod().pack(layer, policy)
+
+
+def int8_form(weight: torch.Tensor | Q8Blocks
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """cpu_quant.int8_blocks of a file's blocks, or of a float weight quantized to Q8_0."""
+    if isinstance(weight, Q8Blocks):
+        return cpu_quant.int8_blocks(weight.kind, weight.blocks)
+    return cpu_quant.int8_blocks("Q8_0", cpu_quant.quantize_q8_0(weight))
 
 
 def is_quantized(module: nn.Module) -> bool:

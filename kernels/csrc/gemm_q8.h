@@ -131,16 +131,17 @@ inline void pass(const uint8_t* xq, int64_t ldq, const float* xs, int64_t lds, c
             dot[r][1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[r][1], xlo, lo1), xhi, hi1);
         }
       }
-    }
-    for (int j = 0; j < (FOUR ? 0 : 8); ++j) {
-      const __m512i w0 = _mm512_loadu_si512(t[0].values + j * 64);
-      const __m512i w1 = _mm512_loadu_si512(t[1].values + j * 64);
-      for (int r = 0; r < ROWS; ++r) {
-        int32_t four;
-        std::memcpy(&four, xq + r * ldq + b * kBlock + 4 * j, sizeof four);
-        const __m512i xb = _mm512_set1_epi32(four);
-        dot[r][0] = _mm512_dpbusd_epi32(dot[r][0], xb, w0);
-        if (two) dot[r][1] = _mm512_dpbusd_epi32(dot[r][1], xb, w1);
+    } else {
+      for (int j = 0; j < 8; ++j) {
+        const __m512i w0 = _mm512_loadu_si512(t[0].values + j * 64);
+        const __m512i w1 = _mm512_loadu_si512(t[1].values + j * 64);
+        for (int r = 0; r < ROWS; ++r) {
+          int32_t four;
+          std::memcpy(&four, xq + r * ldq + b * kBlock + 4 * j, sizeof four);
+          const __m512i xb = _mm512_set1_epi32(four);
+          dot[r][0] = _mm512_dpbusd_epi32(dot[r][0], xb, w0);
+          if (two) dot[r][1] = _mm512_dpbusd_epi32(dot[r][1], xb, w1);
+        }
       }
     }
     for (int c = 0; c < C; ++c) {

@@ -18,9 +18,10 @@ from pagedserve_kernels.layer_ops import rms_norm, rotary, silu_and_mul
 
 try:  # the Triton modules; bound to private names, the entry points below keep the public ones
     from pagedserve_kernels import paged_attention as _triton_attention
+    from pagedserve_kernels import quant_gemm as _triton_quant
     from pagedserve_kernels import reshape_and_cache as _triton_cache
 except ImportError:  # no triton: the torch path only
-    _triton_attention = _triton_cache = None  # type: ignore[assignment]
+    _triton_attention = _triton_cache = _triton_quant = None  # type: ignore[assignment]
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
 
@@ -80,5 +81,26 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_
                                            sliding_window=sliding_window, plan=plan)
 
 
-__all__ = ["BACKENDS", "attention_plan", "cpu_fused", "cpu_linear", "paged_attention",
-           "reshape_and_cache", "reference", "rms_norm", "rotary", "silu_and_mul"]
+def linear_blocks(x, values, scales, mins=None, bias=None, backend: str = "auto"):
+    """x [M, K] @ w^T (+ bias) in x's dtype, w in blocks of 32 values along K: d * q + m (int8
+    values [N, K], or 4-bit nibbles uint8 [N, K / 2] as `pack_nibbles` lays them; fp16 scales
+    and offsets [N, K / 32]). Triton's dequantize-GEMM on CUDA (kernels/quant_gemm.py), else
+    the torch reference. (The CPU's GEMM on these blocks is kernels/cpu_quant.py's, over its
+    own tiles.)"""
+    resolved = _resolve(backend, x)
+    if resolved == "triton":
+        return _triton_quant.linear_blocks(x, values, scales, mins, bias)
+    return reference.linear_blocks(x, values, scales, mins, bias)
+
+
+def pack_nibbles(values):
+    """int8 values 0..15 [N, K] -> linear_blocks' 4-bit layout, uint8 [N, K / 2] (for the
+    Triton kernel: needs triton)."""
+    if _triton_quant is None:
+        raise ValueError("the 4-bit layout of linear_blocks needs the triton package")
+    return _triton_quant.pack_nibbles(values)
+
+
+__all__ = ["BACKENDS", "attention_plan", "cpu_fused", "cpu_linear", "linear_blocks",
+           "pack_nibbles", "paged_attention", "reshape_and_cache", "reference", "rms_norm",
+           "rotary", "silu_and_mul"]

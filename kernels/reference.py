@@ -149,3 +149,25 @@ def linear_q8_0(x: torch.Tensor, scales: torch.Tensor, values: torch.Tensor,
         if mins is not None:
             out += xsum[:, b:b + 1] * mins[:, b].to(torch.float32)
     return out if bias is None else out + bias
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K // 2] in the 4-bit layout (per block of 32 values, byte j holds value j in its
+    low nibble and value j + 16 in its high nibble) -> uint8 values 0..15 [N, K]."""
+    blocks = packed.reshape(packed.shape[0], -1, 16)
+    return torch.cat([blocks & 15, blocks >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def linear_blocks(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
+                  mins: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ w.T (+ bias) in fp32, cast to x's dtype, with w[n, k] = scales[n, k // 32] *
+    q[n, k] (+ mins[n, k // 32]); q = values (int8 [N, K]) or their nibbles (uint8 [N, K // 2])."""
+    q = unpack_nibbles(values) if values.dtype == torch.uint8 else values
+    num_out, num_in = q.shape
+    w = q.to(torch.float32).reshape(num_out, -1, 32) * scales.to(torch.float32).unsqueeze(-1)
+    if mins is not None:
+        w = w + mins.to(torch.float32).unsqueeze(-1)
+    out = torch.nn.functional.linear(x.to(torch.float32), w.reshape(num_out, num_in),
+                                     None if bias is None else bias.to(torch.float32))
+    return out.to(x.dtype)

@@ -26,7 +26,8 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
-KERNEL_MODULES = ("pagedserve_kernels.paged_attention", "pagedserve_kernels.reshape_and_cache")
+KERNEL_MODULES = ("pagedserve_kernels.paged_attention", "pagedserve_kernels.reshape_and_cache",
+                  "pagedserve_kernels.quant_gemm")
 
 
 def jitted_kernels() -> dict[str, object]:
@@ -85,9 +86,8 @@ class LaunchLog:
 
 @pytest.fixture
 def launches(monkeypatch) -> LaunchLog:
-    """Count kernel launches made through the wrappers of pagedserve_kernels.paged_attention
-    and pagedserve_kernels.reshape_and_cache (the modules' globals are swapped for recording
-    launchers)."""
+    """Count kernel launches made through the wrappers of the KERNEL_MODULES (the modules'
+    globals are swapped for recording launchers)."""
     log = LaunchLog()
     for module_name in KERNEL_MODULES:
         module = importlib.import_module(module_name)

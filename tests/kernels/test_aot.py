@@ -14,7 +14,10 @@ exactly the launch the wrapper would make: its constexprs (checked equal to `ker
 `reduce_constexprs`, with upcast off, as on a GPU) and its arguments specialised the way the JIT
 specialises them at launch (unit strides become constants, 16-divisible pointers and ints get
 divisibility hints). The jobs cover fp32/fp16/bf16, head_dim 64/80/96/128/256, block_size 16/32,
-GQA 1/2/4/7/8, sliding window on and off, and split-KV on and off.
+GQA 1/2/4/7/8, sliding window on and off, and split-KV on and off. The dequantize-GEMM's jobs
+(`GemmJob`, calling `linear_blocks`) cover fp32/fp16/bf16 x, 4-bit and 8-bit weights, mins and
+bias on and off, and the three tile shapes (decode M = 1, M = 24, prefill M = 512) at the
+shapes of a small model's projections (K = 576 / N = 1536 and K = 1536 / N = 576).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -79,27 +83,69 @@ JOBS = [
     Job("cache", "fp32", 80, 32, 2, archs=(80,)),
     Job("cache", "fp16", 64, 16, 1, archs=(90,)),
 ]
+
+
+@dataclass(frozen=True)
+class GemmJob:
+    """One `linear_blocks` launch: x [num_tokens, in_features] @ w.T, w [out_features,
+    in_features] in blocks of 32 (`bits` 4: nibbles; 8: int8)."""
+    kernel: ClassVar[str] = "gemm"
+    dtype: str
+    num_tokens: int
+    in_features: int
+    out_features: int
+    bits: int
+    mins: bool = False
+    bias: str | None = None  # the bias dtype ("fp32" or x's), None: no bias
+    archs: tuple[int, ...] = ARCHS
+
+    @property
+    def id(self) -> str:
+        parts = [self.kernel, self.dtype, f"m{self.num_tokens}", f"k{self.in_features}",
+                 f"n{self.out_features}", f"q{self.bits}"]
+        if self.mins:
+            parts.append("mins")
+        if self.bias:
+            parts.append(f"bias{self.bias}")
+        return "-".join(parts)
+
+
+GEMM_JOBS = [
+    GemmJob("fp16", 1, 576, 1536, 4, mins=True),
+    GemmJob("bf16", 512, 1536, 576, 4, bias="fp32"),
+    GemmJob("fp32", 1, 1536, 576, 8, bias="fp32"),
+    GemmJob("fp32", 512, 576, 1536, 8, mins=True, bias="fp32"),
+    GemmJob("fp32", 512, 1536, 576, 4, mins=True),
+    GemmJob("bf16", 1, 576, 1536, 8, mins=True, archs=(90,)),
+    GemmJob("fp16", 512, 576, 1536, 8, bias="fp16", archs=(80,)),
+    GemmJob("fp16", 24, 1536, 576, 8, mins=True, archs=(90,)),
+    GemmJob("bf16", 24, 576, 1536, 8, bias="bf16", archs=(80,)),
+    GemmJob("bf16", 24, 1536, 576, 4, mins=True, archs=(90,)),
+]
+ALL_JOBS: list = JOBS + GEMM_JOBS
 # What each job compiles (the reduce is a second kernel of a split job).
 KERNELS_OF = {"attention": ("paged_attention_kernel",),
               "split": ("paged_attention_split_kernel", "reduce_splits_kernel"),
-              "cache": ("reshape_and_cache_kernel",)}
-COMPILES = [(job, arch, name) for job in JOBS for arch in job.archs
+              "cache": ("reshape_and_cache_kernel",),
+              "gemm": ("linear_blocks_kernel",)}
+COMPILES = [(job, arch, name) for job in ALL_JOBS for arch in job.archs
             for name in KERNELS_OF[job.kernel]]
 
 
-def compile_id(job: Job, arch: int, name: str) -> str:
+def compile_id(job: Job | GemmJob, arch: int, name: str) -> str:
     return f"{name}-sm{arch}-{job.id}"
 
 
 # ----------------------------------------------------------------------------- the worker
 
 
-def _capture_launches(job: Job) -> list[tuple[object, dict]]:
+def _capture_launches(job: Job | GemmJob) -> list[tuple[object, dict]]:
     """Call the wrapper with the kernels swapped for recorders; return (kernel, bound args)."""
     import importlib
 
     pa = importlib.import_module("pagedserve_kernels.paged_attention")
     rc = importlib.import_module("pagedserve_kernels.reshape_and_cache")
+    qg = importlib.import_module("pagedserve_kernels.quant_gemm")
     captured: list[tuple[object, dict]] = []
 
     class Recorder:
@@ -111,11 +157,13 @@ def _capture_launches(job: Job) -> list[tuple[object, dict]]:
                 captured.append((self.fn, self.fn.signature.bind(*args, **kwargs).arguments))
             return launch
 
-    originals = {(module, name): getattr(module, name) for module in (pa, rc)
+    originals = {(module, name): getattr(module, name) for module in (pa, rc, qg)
                  for name in vars(module) if name.endswith("_kernel")}
     for (module, name), fn in originals.items():
         setattr(module, name, Recorder(fn))
     try:
+        if isinstance(job, GemmJob):
+            return _call_gemm(job, qg, captured)
         return _call_wrapper(job, pa, rc, captured)
     finally:
         for (module, name), fn in originals.items():
@@ -157,6 +205,25 @@ def _call_wrapper(job: Job, pa, rc, captured: list) -> list[tuple[object, dict]]
     return captured
 
 
+def _call_gemm(job: GemmJob, qg, captured: list) -> list[tuple[object, dict]]:
+    import torch
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    m, k, n = job.num_tokens, job.in_features, job.out_features
+    x = torch.randn(m, k).to(dtypes[job.dtype])
+    if job.bits == 4:
+        values = qg.pack_nibbles(torch.randint(0, 16, (n, k), dtype=torch.uint8))
+    else:
+        values = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    scales = torch.rand(n, k // 32).half()
+    mins = torch.randn(n, k // 32).half() if job.mins else None
+    bias = torch.randn(n).to(dtypes[job.bias]) if job.bias else None
+    qg.linear_blocks(x, values, scales, mins, bias)
+    _check_constexprs(captured[0][1], qg.kernel_constexprs(m, k, job.bits == 4, job.mins,
+                                                           bias is not None, False))
+    return captured
+
+
 def _check_constexprs(arguments: dict, expected: dict) -> None:
     """The wrapper launched with exactly the constexprs its `*_constexprs` function gives."""
     got = {name: arguments.get(name) for name in expected}
@@ -188,7 +255,7 @@ def _compile(fn, arguments: dict, arch: int):
 
 
 def worker(arch: int) -> None:
-    for job in JOBS:
+    for job in ALL_JOBS:
         if arch not in job.archs:
             continue
         try:
@@ -266,7 +333,8 @@ def test_covers_every_kernel_on_both_archs():
     covered = {(name, arch, job.dtype) for job, arch, name in COMPILES}
     import importlib
 
-    for module in ("pagedserve_kernels.paged_attention", "pagedserve_kernels.reshape_and_cache"):
+    for module in ("pagedserve_kernels.paged_attention", "pagedserve_kernels.reshape_and_cache",
+                   "pagedserve_kernels.quant_gemm"):
         names = [n for n in vars(importlib.import_module(module)) if n.endswith("_kernel")]
         for name in names:
             for arch in ARCHS:
@@ -277,6 +345,15 @@ def test_covers_every_kernel_on_both_archs():
     assert {job.group for job in JOBS if job.kernel != "cache"} >= {1, 2, 4, 8}
     for dtype in ("fp32", "fp16", "bf16"):
         assert {arch for job, arch, _ in COMPILES if job.dtype == dtype} == set(ARCHS)
+        for bits in (4, 8):
+            assert {arch for job, arch, _ in COMPILES if isinstance(job, GemmJob)
+                    and (job.dtype, job.bits) == (dtype, bits)} == set(ARCHS), (dtype, bits)
+    for arch in ARCHS:
+        gemms = [job for job in GEMM_JOBS if arch in job.archs]
+        assert {job.bits for job in gemms} == {4, 8}
+        assert {job.mins for job in gemms} == {False, True}
+        assert {job.bias is None for job in gemms} == {False, True}
+        assert {1, 512} <= {job.num_tokens for job in gemms}
 
 
 if __name__ == "__main__":

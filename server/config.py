@@ -17,7 +17,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 ENGINE_MODES = ("thread", "process")
 TOOL_CALL_PARSERS = ("auto", "none", "hermes", "llama3_json", "mistral")
 CPU_GEMMS = ("auto", "own", "onednn", "mkl", "torch")  # server/models/layers/gemm_choice.py
-QUANTIZATIONS = ("none", "int8", "gguf")  # server/models/layers/linear_methods.py
+QUANTIZATIONS = ("none", "int8", "gguf", "gptq", "awq")  # server/models/layers/linear_methods.py
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -39,9 +39,9 @@ class ModelConfig:
     attention_backend: str = "auto"
     # Decode-only steps of few sequences in one compiled CPU kernel call (fp32, where it builds).
     compiled_decode: bool = True
-    # The linear layers' weight format (a LinearMethod): "none" the checkpoint's own dtype
-    # (a GGUF file's quantized blocks stay blocks: "gguf"), "int8" 8-bit blocks quantized at
-    # load.
+    # The linear layers' weight format (a LinearMethod): "none" the checkpoint's own (a GGUF
+    # file's, a GPTQ or AWQ checkpoint's quantized blocks stay blocks: "gguf", "gptq", "awq"),
+    # "int8" 8-bit blocks quantized at load.
     quantization: str = "none"
     # Which CPU GEMM runs each row count: "auto" measures them on this machine; a kind forces it.
     cpu_gemm: str = "auto"

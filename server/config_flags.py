@@ -65,8 +65,9 @@ def add_engine_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
     parser.add_argument("--quantization", default=default_of(ModelConfig, "quantization"),
                         choices=QUANTIZATIONS,
                         help="weight format of the linear layers: none the checkpoint's (a "
-                             "GGUF file's quantized blocks stay blocks: gguf), int8 8-bit "
-                             "blocks of 32 values quantized at load")
+                             "GGUF file's, a GPTQ or AWQ checkpoint's quantized blocks stay "
+                             "blocks: gguf, gptq, awq), int8 8-bit blocks of 32 values "
+                             "quantized at load")
     parser.add_argument("--cpu-gemm", default=default_of(ModelConfig, "cpu_gemm"),
                         choices=CPU_GEMMS,
                         help="GEMM of the linear layers on CPU: auto times the compiled "

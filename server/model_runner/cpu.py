@@ -96,6 +96,9 @@ def _not_compiled_because(model: CausalLM, export: DecoderExport | None) -> str 
            for m in _projections(export)):
         return ("not every projection has a copy for the compiled GEMM (made where the own "
                 "GEMM measured fastest at some row count; --cpu-gemm own forces it)")
+    if any(m.q8_perm is not None for m in _projections(export)):
+        return ("a projection's 8-bit tiles take its inputs in another order (a GPTQ act-order "
+                "checkpoint) and the compiled step has no gather for them")
     if not cpu_decoder.available():
         return "kernels.cpu_decoder did not build"
     return None

@@ -26,7 +26,7 @@ from server.models.base import ModelOptions
 from server.models.errors import ModelLoadError
 from server.models.gguf import find_gguf
 from server.models.layers.linear_methods import get_linear_method
-from server.models.loader import load_model, resolve_dtype
+from server.models.loader import load_model, packed_int_format, resolve_dtype
 from server.outputs import RunnerOutput, SampleResult
 from server.scheduler.output import NewRequestData, SchedulerOutput
 from server.structured.cache import GrammarCache
@@ -84,11 +84,28 @@ def effective_config(config: EngineConfig, runner: ModelRunner,
 
 
 def weight_format(quantization: str, model_dir: Path) -> str:
-    """The quantization in effect: a GGUF file's own blocks ("gguf") where none is asked."""
-    is_gguf = find_gguf(model_dir) is not None
-    if quantization == "gguf" and not is_gguf:
-        raise ModelLoadError(f"quantization 'gguf' takes a GGUF file; {model_dir} is not one")
-    return "gguf" if quantization == "none" and is_gguf else quantization
+    """The quantization in effect: the checkpoint's own blocks (a GGUF file's "gguf", a GPTQ or
+    AWQ checkpoint's "gptq", "awq") where none is asked."""
+    if find_gguf(model_dir) is not None:
+        own = "gguf"
+    else:
+        packed = packed_int_format(model_dir)
+        own = "none" if packed is None else packed.method
+    if quantization in ("gguf", "gptq", "awq") and quantization != own:
+        what = {"gguf": "a GGUF file", "gptq": "a GPTQ checkpoint", "awq": "an AWQ checkpoint"}
+        raise ModelLoadError(f"quantization {quantization!r} takes {what[quantization]}; "
+                             f"{model_dir} is not one")
+    return own if quantization == "none" else quantization
+
+
+def compute_dtype(dtype: str, arch: ArchConfig, quantization: str, device: torch.device
+                  ) -> torch.dtype:
+    """The model's dtype: "auto" takes the checkpoint's, but fp32 for a GPTQ or AWQ checkpoint
+    on CPU (saved in fp16, which the CPU paths do not compute in; the 8-bit GEMM computes in
+    fp32)."""
+    if dtype == "auto" and quantization in ("gptq", "awq") and device.type == "cpu":
+        return torch.float32
+    return resolve_dtype(dtype, arch)
 
 
 class ModelRunner:
@@ -102,12 +119,14 @@ class ModelRunner:
         self.device = resolve_device(config.model.device)
         if self.device.type == "cpu":
             keep_freed_memory_mapped()
-        self.dtype = resolve_dtype(config.model.dtype, arch)
-        self.kernels = choose_kernels(config.model, self.device, self.dtype)
         self.quantization = weight_format(config.model.quantization, model_dir)
+        self.dtype = compute_dtype(config.model.dtype, arch, self.quantization, self.device)
+        self.kernels = choose_kernels(config.model, self.device, self.dtype)
         options = ModelOptions(max_position=max(max_model_len, arch.max_position_embeddings),
                                dtype=self.dtype,
-                               linear_method=get_linear_method(self.quantization),
+                               linear_method=get_linear_method(
+                                   self.quantization, "triton"
+                                   if self.kernels.attention_backend == "triton" else "auto"),
                                kernel_backend=self.kernels.kernel_backend)
         self.model = load_model(model_dir, arch, options, self.device)
         packed = "none (not on CPU)"

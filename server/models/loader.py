@@ -1,5 +1,5 @@
-"""Load a Hugging Face model directory (config, generation config, safetensors weights) or a
-GGUF file (models/gguf.py)."""
+"""Load a Hugging Face model directory (config, generation config, safetensors weights; GPTQ and
+AWQ layers through models/packed_int.py) or a GGUF file (models/gguf.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from server.models.arch_config import ArchConfig
+from server.models.arch_config import ArchConfig, read_config_json
 from server.models.base import CausalLM, ModelOptions
 from server.models.errors import ModelLoadError
 from server.models.gguf import find_gguf, open_gguf
+from server.models.packed_int import PackedIntFormat, read_format
 from server.models.registry import resolve_model_class
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -36,6 +37,13 @@ def resolve_dtype(dtype: str, arch: ArchConfig) -> torch.dtype:
     except KeyError:
         raise ModelLoadError(f"dtype {name!r} is not supported; supported: "
                              f"{', '.join(_DTYPES)}") from None
+
+
+def packed_int_format(model_dir: Path) -> PackedIntFormat | None:
+    """A safetensors checkpoint's GPTQ or AWQ quantization (None: float weights, or GGUF)."""
+    if find_gguf(model_dir) is not None:
+        return None
+    return read_format(read_config_json(model_dir))
 
 
 def read_generation_defaults(model_dir: Path) -> GenerationDefaults:
@@ -114,5 +122,7 @@ def load_model(model_dir: Path, arch: ArchConfig, options: ModelOptions,
                 current = (path, _open_weights(path))
             yield name, current[1].get_tensor(name)
 
-    _check_complete(model, model.load_weights(tensors()), model_dir)
+    packed = packed_int_format(model_dir)
+    weights = tensors() if packed is None else packed.tensors(tensors(), {n for _, n in names})
+    _check_complete(model, model.load_weights(weights), model_dir)
     return model.eval()

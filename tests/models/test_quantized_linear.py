@@ -13,41 +13,14 @@ import pytest
 import torch
 
 from pagedserve_kernels import cpu_quant, reference
-from server import LLM, SamplingParams
+from server import LLM
 from server.models.gguf import Q8Blocks
 from server.models.layers.linear import Linear, MergedLinear
 from server.models.layers.quantized_linear import Int8LinearMethod, is_quantized
 from tests.gguf_factory import write_gguf
 from tests.model_factory import make_tiny_model
 from tests.models.conftest import random_prompts
-
-SMALL_CACHE = 1 << 22
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-def unpack(packed: torch.Tensor, out_features: int) -> tuple[torch.Tensor, ...]:
-    """pack_blocks's tiles, 8- or 4-bit -> (scales [out, in / 32], values [out, in], offsets)."""
-    nb, kb, _ = packed.shape
-    width = 256 if cpu_quant.is_four_bit(packed) else 512
-    if width == 256:  # groups j (low nibbles) and j + 4 (high) share a byte
-        nibbles = packed[..., :256].reshape(nb, kb, 4, 16, 4)
-        values = torch.cat([nibbles & 0xF, nibbles >> 4], dim=2).view(torch.int8)
-    else:
-        values = packed[..., :512].contiguous().view(torch.int8).view(nb, kb, 8, 16, 4)
-    values = values.permute(0, 3, 1, 2, 4).reshape(nb * 16, kb * 32)
-    scales = packed[..., width:width + 32].contiguous().view(torch.float16).permute(0, 2, 1)
-    mins = packed[..., width + 64:width + 96].contiguous().view(torch.float16).permute(0, 2, 1)
-    return (scales.reshape(nb * 16, kb)[:out_features], values[:out_features],
-            mins.reshape(nb * 16, kb)[:out_features])
-
-
-def torch_arithmetic(monkeypatch) -> None:
-    """The 8-bit GEMM replaced by the torch reference of its arithmetic."""
-    def linear_q8_0(x, packed, bias, out_features):
-        scales, values, mins = unpack(packed, out_features)
-        return reference.linear_q8_0(x, scales, values, bias, mins)
-
-    monkeypatch.setattr(cpu_quant, "linear_q8_0", linear_q8_0)
+from tests.models.quantized_paths import SMALL_CACHE, check_paths, projections
 
 
 @pytest.fixture(scope="module")
@@ -57,28 +30,6 @@ def models(tmp_path_factory):
             "qwen2": make_tiny_model(root / "qwen2", "qwen2"),
             "llama-256": make_tiny_model(root / "llama-256", "llama", rope_scaling=None,
                                          hidden_size=256, intermediate_size=512)}
-
-
-def run(path, prompts, **kwargs):
-    llm = LLM(str(path), kv_cache_memory=SMALL_CACHE, dtype="float32", **kwargs)
-    return llm, [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
-
-
-def projections(llm) -> list:
-    return [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
-
-
-def check_paths(path, prompts, monkeypatch, **kwargs):
-    """The compiled decode step (8-bit projections in its fp32 GEMMs), the layer-by-layer
-    forward, and that forward on the torch reference of the 8-bit GEMM: the same tokens.
-    Returns the compiled run's LLM."""
-    llm, tokens = run(path, prompts, **kwargs)
-    assert llm.engine.runner.compiled_step is not None
-    assert run(path, prompts, compiled_decode=False, **kwargs)[1] == tokens
-    with monkeypatch.context() as m:
-        torch_arithmetic(m)
-        assert run(path, prompts, compiled_decode=False, **kwargs)[1] == tokens
-    return llm
 
 
 @pytest.mark.parametrize("arch,kind", [("llama", "Q8_0"), ("qwen2", "Q8_0"), ("qwen2", "Q4_0"),

@@ -14,10 +14,12 @@ from server.models.layers.quantized_linear import (
     Int8LinearMethod,
     dequantize,
     int8_form,
+    is_blocks,
     kernel_runs,
     linear_q8,
 )
 from server.models.layers.weights import check_shape, default_weight_loader, set_weight_loader
+from server.models.packed_int import IntBlocks
 
 
 class VocabEmbedding(nn.Module):
@@ -28,12 +30,14 @@ class VocabEmbedding(nn.Module):
         self.keeps_blocks = False  # set by a tied head, the only user of the blocks
         self.q8_blocks: Q8Blocks | None = None  # a GGUF file's block rows, for a tied head
 
-    def _load(self, param: nn.Parameter, tensor: torch.Tensor | Q8Blocks, shard_id=None) -> None:
+    def _load(self, param: nn.Parameter, tensor: torch.Tensor | Q8Blocks | IntBlocks,
+              shard_id=None) -> None:
         """The lookup takes float rows; a table of blocks is dequantized for it and, under a
-        tied head, the blocks kept for its 8-bit GEMM."""
-        if isinstance(tensor, Q8Blocks):
+        tied head, a GGUF file's blocks kept for its 8-bit GEMM."""
+        if is_blocks(tensor):
             check_shape(tensor.shape, param.shape)
-            self.q8_blocks = tensor if self.keeps_blocks else None
+            self.q8_blocks = (tensor if self.keeps_blocks and isinstance(tensor, Q8Blocks)
+                              else None)
             tensor = dequantize(tensor)
         default_weight_loader(param, tensor)
 

@@ -63,6 +63,8 @@ class Linear(nn.Module):
     bias: nn.Parameter | None
     packed: PackedWeight | None = None  # set by the method's `pack`
     q8: torch.Tensor | None = None  # 8-bit tiles (layers/quantized_linear.py), else None
+    q8_perm: torch.Tensor | None = None  # the input each column of the tiles takes (None: its own)
+    blocks: tuple | None = None  # (values, scales, offsets) for the Triton block GEMM, else None
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  method: LinearMethod | None = None, dtype: torch.dtype | None = None) -> None:

@@ -106,9 +106,10 @@ class CausalLM(nn.Module):
     def skips_weight(self, name: str) -> bool:
         return name.endswith(self.ignored_weights)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[tuple[str, Any]]:
-        """Hand each checkpoint tensor to its parameter's weight_loader; returns the (parameter,
-        shard id) pairs filled."""
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[tuple[str, Any]]:
+        """Hand each checkpoint tensor (a torch.Tensor, or blocks for a LinearMethod that takes
+        them: gguf.Q8Blocks, packed_int.IntBlocks) to its parameter's weight_loader; returns the
+        (parameter, shard id) pairs filled."""
         params = dict(self.named_parameters())
         loaded: set[tuple[str, Any]] = set()
         for name, tensor in weights:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,7 @@ def load_model(model_dir: Path, arch: ArchConfig, options: ModelOptions,
             yield name, current[1].get_tensor(name)
 
     packed = packed_int_format(model_dir)
-    weights = tensors() if packed is None else packed.tensors(tensors(), {n for _, n in names})
+    weights: Iterable[tuple[str, Any]] = (tensors() if packed is None else packed.tensors(
+        tensors(), {n for _, n in names}))
     _check_complete(model, model.load_weights(weights), model_dir)
     return model.eval()

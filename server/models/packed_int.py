@@ -179,7 +179,7 @@ def read_format(raw_config: dict[str, Any]) -> PackedIntFormat | None:
     if method not in METHODS:
         raise ModelLoadError(f"quantization_config.quant_method {method!r} is not supported; "
                              f"supported: {', '.join(METHODS)}")
-    bits = qc.get("bits", qc.get("w_bit"))
+    bits: Any = qc.get("bits", qc.get("w_bit"))
     group_size = qc.get("group_size", qc.get("q_group_size"))
     supported_bits = (2, 4, 8) if method == "gptq" else (4,)
     if bits not in supported_bits:

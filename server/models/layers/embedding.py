@@ -14,7 +14,6 @@ from server.models.layers.quantized_linear import (
     Int8LinearMethod,
     dequantize,
     int8_form,
-    is_blocks,
     kernel_runs,
     linear_q8,
 )
@@ -34,7 +33,7 @@ class VocabEmbedding(nn.Module):
               shard_id=None) -> None:
         """The lookup takes float rows; a table of blocks is dequantized for it and, under a
         tied head, a GGUF file's blocks kept for its 8-bit GEMM."""
-        if is_blocks(tensor):
+        if isinstance(tensor, (Q8Blocks, IntBlocks)):
             check_shape(tensor.shape, param.shape)
             self.q8_blocks = (tensor if self.keeps_blocks and isinstance(tensor, Q8Blocks)
                               else None)

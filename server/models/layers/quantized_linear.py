@@ -106,6 +106,7 @@ class Int8LinearMethod:
             x = x.index_select(-1, layer.q8_perm)
         if layer.q8 is not None:
             return linear_q8(x, layer.q8, layer.bias, layer.output_size)
+        assert layer.blocks is not None
         values, scales, mins = layer.blocks
         return ops.linear_blocks(x.reshape(-1, layer.input_size), values, scales, mins,
                                  layer.bias, backend="triton").reshape(*x.shape[:-1], -1)
